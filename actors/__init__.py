@@ -1,0 +1,1 @@
+"""Resource actors: each owns one resource; nothing else touches it."""

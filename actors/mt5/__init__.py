@@ -1,0 +1,1 @@
+"""The MetaTrader 5 terminal actor, its backends and the terminal simulator."""

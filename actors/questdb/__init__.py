@@ -1,0 +1,1 @@
+"""The QuestDB pool actor (asyncpg over PostgreSQL wire inside trio-asyncio)."""

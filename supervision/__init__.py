@@ -1,0 +1,1 @@
+"""mt5-supervisor: the generic supervision core."""

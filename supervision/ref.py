@@ -1,0 +1,82 @@
+"""The caller's handle on an actor: every call returns a ``Response``, never raises for a
+resource failure.
+
+Rules (DESIGN.md section 4): a cacheable read that succeeds is remembered as last-known-good;
+one that fails or is refused is answered from it (``degraded`` with ``cached_at``) if it is
+there, else with the error. Writes are never served from the cache. Every call has a
+deadline (``timeout_s``, default ``call_timeout_s``); none waits without one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Hashable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+import trio
+
+from supervision.cell import CallRejected
+from supervision.errors import ErrorCode, ErrorInfo, Response
+from supervision.events import EventKind
+from supervision.messages import Notice
+
+if TYPE_CHECKING:
+    from supervision.clock import WallClock
+    from supervision.supervisor import Child
+
+
+class LastKnownGood(Protocol):
+    """Where successful reads are remembered (the cache actor's store)."""
+
+    def remember(self, key: Hashable, value: Any, now: float) -> None: ...
+
+    def recall(self, key: Hashable, now: float) -> tuple[Any, float] | None:
+        """The value and the trio time it was fetched, or None (absent or expired)."""
+        ...
+
+
+def cache_key(actor: str, op: str, args: Mapping[str, Any]) -> str:
+    return f"{actor}:{op}:" + json.dumps(args, sort_keys=True, default=repr,
+                                        separators=(",", ":"))
+
+
+class ActorRef:
+    def __init__(self, child: Child, lkg: LastKnownGood | None, wallclock: WallClock) -> None:
+        self._child = child
+        self._lkg = lkg
+        self._wallclock = wallclock
+        self.name = child.name
+
+    @property
+    def state(self) -> str:
+        return str(self._child.cell.state)
+
+    async def call(self, op: str, args: Mapping[str, Any] | None = None, *,
+                   timeout_s: float | None = None) -> Response:
+        cell = self._child.cell
+        args = args or {}
+        timeout = cell.settings.call_timeout_s if timeout_s is None else timeout_s
+        if not timeout > 0:
+            return Response.failure(ErrorInfo(ErrorCode.INVALID_REQUEST,
+                                              f"{op} failed: timeout_s must be > 0",
+                                              self.name, str(cell.state)))
+        deadline = trio.current_time() + timeout
+        spec = cell.actor.ops.get(op)
+        try:
+            value = await cell.call(op, args, deadline)
+        except CallRejected as rejected:
+            info = rejected.info
+        else:
+            if spec is not None and spec.cacheable and self._lkg is not None:
+                self._lkg.remember(cache_key(self.name, op, args), value, trio.current_time())
+            return Response.success(value)
+        if spec is not None and spec.cacheable and self._lkg is not None:
+            now = trio.current_time()
+            hit = self._lkg.recall(cache_key(self.name, op, args), now)
+            if hit is not None:
+                value, fetched_at = hit
+                cell._notice_nowait(Notice(
+                    self.name, str(EventKind.DEGRADED_SERVED), now,
+                    error=info, data={"op": op, "age_s": round(now - fetched_at, 6)}))
+                return Response.degraded(value, self._wallclock.wall(fetched_at), info)
+        return Response.failure(info)

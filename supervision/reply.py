@@ -1,0 +1,52 @@
+"""A one-shot reply slot for actor requests.
+
+Why not a memory channel per request: a request/reply round trip should cost about what a
+raw channel ping-pong costs. The caller parks itself once with ``wait_task_rescheduled``; the
+actor reschedules it with the outcome. If the caller is cancelled (its deadline passed) the
+slot is marked abandoned and a late reply is dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import outcome
+import trio
+
+
+class Reply:
+    __slots__ = ("_task", "_outcome", "abandoned")
+
+    def __init__(self) -> None:
+        self._task: trio.lowlevel.Task | None = None
+        self._outcome: outcome.Outcome | None = None
+        self.abandoned = False
+
+    def set(self, result: outcome.Outcome) -> None:
+        if self.abandoned or self._outcome is not None:
+            return
+        if self._task is not None:
+            task, self._task = self._task, None
+            self._outcome = result
+            trio.lowlevel.reschedule(task, result)
+        else:
+            self._outcome = result
+
+    def set_value(self, value: Any) -> None:
+        self.set(outcome.Value(value))
+
+    def set_error(self, exc: BaseException) -> None:
+        self.set(outcome.Error(exc))
+
+    async def wait(self) -> Any:
+        if self._outcome is not None:
+            await trio.lowlevel.checkpoint()
+            return self._outcome.unwrap()
+        self._task = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._task = None
+            self.abandoned = True
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        return await trio.lowlevel.wait_task_rescheduled(abort)

@@ -30,6 +30,7 @@ import attrs
 import trio
 
 from supervision.errors import ErrorCode, Failure, describe, operation_message
+from supervision.messages import Notice
 
 
 @attrs.frozen
@@ -75,6 +76,10 @@ class Actor:
         """What a request that ran past its deadline means for this resource. Default: only
         this call timed out; a terminal actor overrides it (a hung terminal is lost)."""
         return Failure(ErrorCode.TIMEOUT, f"{op} failed: no answer within {timeout_s:g} s")
+
+    def notify(self, notice: Notice) -> None:
+        """Publish a supervision event about this actor (set by the cell; no-op until then).
+        Never blocks: the event is queued and sent by the cell's notice task."""
 
     def status_extra(self) -> dict[str, Any]:
         """Actor-specific figures for status and health (no I/O)."""

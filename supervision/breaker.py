@@ -46,6 +46,7 @@ class Ticket:
 
     generation: int
     probe: bool
+    at: float | None = None  # admission time of a probe: release() frees that probe's slot
 
 
 @attrs.frozen
@@ -104,7 +105,8 @@ class Breaker:
                 retry = max(0.0, oldest + b.config.probe_timeout_s - now)
                 return Admission(b, None, retry, tuple(transitions))
             b = attrs.evolve(b, probes=(*b.probes, now))
-            return Admission(b, Ticket(b.generation, probe=True), None, tuple(transitions))
+            return Admission(b, Ticket(b.generation, probe=True, at=now), None,
+                             tuple(transitions))
         return Admission(b, Ticket(b.generation, probe=False), None, tuple(transitions))
 
     def record_success(
@@ -141,7 +143,10 @@ class Breaker:
         if not self.probes:
             return self
         probes = list(self.probes)
-        probes.pop(0)
+        if ticket.at in probes:
+            probes.remove(ticket.at)
+        else:
+            probes.pop(0)
         return attrs.evolve(self, probes=tuple(probes))
 
     def retry_after(self, now: float) -> float | None:

@@ -55,7 +55,7 @@ class CallRejected(Exception):
         self.deadline = deadline
 
 
-@attrs.frozen
+@attrs.frozen(eq=False)  # identity: a request is a capacity-limiter borrower
 class Request:
     op: str
     args: Mapping[str, Any]
@@ -128,6 +128,7 @@ class ActorCell:
         # by the cell's notice task, so a caller never waits on the event pipeline.
         self._pending_notices: list[Notice] = []
         self._notices_ready = trio.Event()
+        actor.notify = self._notice_nowait  # type: ignore[method-assign]
 
     # ------------------------------------------------------------------ public surface
     @property

@@ -62,7 +62,11 @@ A = Action
 # (from state, input) -> (to state, actions). The whole machine.
 TRANSITIONS: dict[tuple[ConnectionState, Input], tuple[ConnectionState, tuple[Action, ...]]] = {
     (S.DISCONNECTED, Input.CONNECT_OK): (S.CONNECTED, (A.RESET_BUDGET,)),
-    (S.DISCONNECTED, Input.CONNECT_FAILED): (S.RECONNECTING, (A.SCHEDULE_ATTEMPT,)),
+    # A fresh budget: DISCONNECTED may follow a STOP that left the budget spent.
+    (S.DISCONNECTED, Input.CONNECT_FAILED): (
+        S.RECONNECTING,
+        (A.RESET_BUDGET, A.SCHEDULE_ATTEMPT),
+    ),
     (S.CONNECTED, Input.FAILURE_DETECTED): (S.RECONNECTING, (A.RELEASE, A.SCHEDULE_ATTEMPT)),
     (S.RECONNECTING, Input.ATTEMPT_OK): (S.CONNECTED, (A.RESET_BUDGET,)),
     (S.RECONNECTING, Input.ATTEMPT_FAILED): (S.RECONNECTING, (A.SCHEDULE_ATTEMPT,)),

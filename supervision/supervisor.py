@@ -118,6 +118,7 @@ class Supervisor:
         self._stopped = trio.Event()
         self._stopping = False
         self.events_total = 0
+        self._last_at = -float("inf")
 
     # ------------------------------------------------------------------ queries (no I/O)
     def state(self, name: str) -> ConnectionState:
@@ -311,7 +312,10 @@ class Supervisor:
     def _number(self, message: Message) -> Event:
         seq = self._next_seq
         self._next_seq += 1
-        ts = self.wallclock.wall(message.at)
+        # Messages queued by callers can be a little older than the one before them; keep
+        # ts non-decreasing in seq order, which consumers may rely on.
+        self._last_at = max(self._last_at, message.at)
+        ts = self.wallclock.wall(self._last_at)
         error = ({"code": str(message.error.code), "message": message.error.message}
                  if message.error is not None else None)
         if isinstance(message, StateChanged):

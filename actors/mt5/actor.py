@@ -1,0 +1,454 @@
+"""The MT5 terminal actor: owns one terminal through one worker, maps its errors, and keeps
+orders honest.
+
+Rules:
+
+* Only the worker touches the backend; a wedged worker (a call abandoned at its deadline) is
+  never reused: ``release()`` retires it and ``connect()`` builds a fresh one, so the hung
+  thread never blocks recovery.
+* Error codes map to the service codes of DESIGN.md section 4 in ``classify_code`` — the one
+  place. -2 and -4 (and autotrading off) leave the connection alone; IPC errors, timeouts,
+  auth failures and a broker disconnect mean the terminal is lost to us.
+* A broker disconnect (terminal up, ``connected`` false, retcode 10031) is BROKER_UNAVAILABLE
+  and does *not* re-initialize IPC: ``release()`` keeps the terminal session and
+  ``connect()`` only waits for the broker to come back.
+* ``order_send`` is never retried and never cached. A reply that is lost (None, 10012, or the
+  deadline passed while it ran) is ORDER_STATE_UNKNOWN; that symbol is then *unresolved*, and
+  the next ``order_send`` for it first reconciles through ``history_deals_get`` /
+  ``positions_get`` (orders are tagged in ``comment``). If the same request is sent again and
+  the first one turns out filled, the fill is returned instead of sending a second order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+from collections.abc import AsyncIterator, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any, ClassVar
+
+import attrs
+import trio
+
+from actors.mt5 import codes
+from actors.mt5.worker import ABANDONED, InlineWorker, ThreadWorker, Worker, WorkerLost
+from supervision.actor import READ, READ_UNCACHED, WRITE, Actor, OpSpec
+from supervision.errors import ErrorCode, Failure, Response, describe, operation_message
+from supervision.events import EventKind
+from supervision.messages import Notice
+from supervision.ref import ActorRef
+
+# op -> positional parameter names, in the MetaTrader5 order; then keyword-only names.
+SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "version": ((), ()),
+    "terminal_info": ((), ()),
+    "account_info": ((), ()),
+    "symbols_total": ((), ()),
+    "symbol_info": (("symbol",), ()),
+    "symbol_select": (("symbol", "enable"), ()),
+    "symbol_info_tick": (("symbol",), ()),
+    "copy_rates_from_pos": (("symbol", "timeframe", "start_pos", "count"), ()),
+    "copy_rates_range": (("symbol", "timeframe", "date_from", "date_to"), ()),
+    "copy_ticks_range": (("symbol", "date_from", "date_to", "flags"), ()),
+    "order_check": (("request",), ()),
+    "order_send": (("request",), ()),
+    "positions_get": ((), ("symbol", "group", "ticket")),
+    "orders_get": ((), ("symbol", "group", "ticket")),
+    "history_deals_get": (("date_from", "date_to"), ("group", "ticket", "position")),
+    "history_orders_get": (("date_from", "date_to"), ("group", "ticket", "position")),
+}
+REQUIRED = {"symbol_info", "symbol_info_tick", "copy_rates_from_pos", "copy_rates_range",
+            "copy_ticks_range", "order_check", "order_send", "symbol_select"}
+DATE_PARAMS = {"date_from", "date_to"}
+
+OPS: dict[str, OpSpec] = {
+    **{op: READ for op in ("version", "terminal_info", "account_info", "symbols_total",
+                           "symbol_info", "symbol_info_tick", "copy_rates_from_pos",
+                           "copy_rates_range", "copy_ticks_range", "positions_get",
+                           "orders_get", "history_deals_get", "history_orders_get")},
+    "order_check": READ_UNCACHED,
+    "symbol_select": OpSpec(cacheable=False, idempotent=True),
+    "order_send": WRITE,
+}
+
+IPC_LOST = {codes.RES_E_INTERNAL_FAIL, codes.RES_E_INTERNAL_FAIL_SEND,
+            codes.RES_E_INTERNAL_FAIL_RECEIVE, codes.RES_E_INTERNAL_FAIL_CONNECT}
+ORDER_OK = {codes.TRADE_RETCODE_DONE, codes.TRADE_RETCODE_PLACED,
+            codes.TRADE_RETCODE_DONE_PARTIAL}
+TAG_PREFIX = "mt5sup-"
+
+
+class Mt5Error(Exception):
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
+
+
+def classify_code(code: int, message: str, op: str) -> Failure:
+    """``last_error()`` code -> service error (DESIGN.md section 4)."""
+    text = operation_message(op, f"{message or 'no message'} ({code})")
+    if code == codes.RES_E_INTERNAL_FAIL_INIT:
+        return Failure(ErrorCode.MT5_INIT_FAILED, text, connection=True)
+    if code in IPC_LOST:
+        return Failure(ErrorCode.MT5_IPC_FAILED, text, connection=True)
+    if code == codes.RES_E_INTERNAL_FAIL_TIMEOUT:
+        return Failure(ErrorCode.MT5_IPC_TIMEOUT, text, connection=True)
+    if code == codes.RES_E_AUTH_FAILED:
+        return Failure(ErrorCode.AUTH_FAILED, text, connection=True)
+    if code == codes.RES_E_AUTO_TRADING_DISABLED:
+        return Failure(ErrorCode.AUTOTRADING_DISABLED, text)
+    if code == codes.RES_E_INVALID_PARAMS:
+        return Failure(ErrorCode.INVALID_REQUEST, text)
+    if code == codes.RES_E_NOT_FOUND:
+        return Failure(ErrorCode.NOT_FOUND, text)
+    return Failure(ErrorCode.INTERNAL, text)
+
+
+def classify_retcode(retcode: int, comment: str, op: str) -> Failure:
+    """A trade server answer that is not a success -> service error."""
+    text = operation_message(op, f"retcode {retcode} ({comment or 'no comment'})")
+    if retcode == codes.TRADE_RETCODE_CONNECTION:
+        return Failure(ErrorCode.BROKER_UNAVAILABLE, text, connection=True)
+    if retcode in (codes.TRADE_RETCODE_SERVER_DISABLES_AT, codes.TRADE_RETCODE_CLIENT_DISABLES_AT):
+        return Failure(ErrorCode.AUTOTRADING_DISABLED, text)
+    if retcode == codes.TRADE_RETCODE_TIMEOUT:
+        return Failure(ErrorCode.ORDER_STATE_UNKNOWN, text)
+    return Failure(ErrorCode.INVALID_REQUEST, text)
+
+
+@attrs.frozen
+class Unresolved:
+    request: dict[str, Any]
+    tag: str
+    sent_at: datetime  # server time, for the history window
+
+
+class Mt5Actor(Actor):
+    ops: ClassVar[Mapping[str, OpSpec]] = OPS
+    concurrency = 1  # the terminal takes one call at a time anyway
+
+    def __init__(
+        self,
+        backend_factory: Any,
+        *,
+        inline: bool,
+        path: str | None = None,
+        login: int | None = None,
+        password: str | None = None,
+        server: str | None = None,
+        timeout_ms: int = 60_000,
+        name: str = "mt5",
+    ) -> None:
+        self.name = name
+        self._backend_factory = backend_factory
+        self._inline = inline
+        self._init_kwargs = {k: v for k, v in {
+            "path": path or None, "login": login or None, "password": password or None,
+            "server": server or None, "timeout": timeout_ms}.items() if v is not None}
+        self._secrets = tuple(s for s in (password,) if s)
+        self.backend: Any = None
+        self.worker: Worker | None = None
+        self._ipc_up = False
+        self._broker_only = False  # the last loss was the broker, not the terminal
+        self.unresolved: dict[str, Unresolved] = {}
+        self._tags = itertools.count(1)
+        self._tag_base = int(time.time()) % 100_000
+        self.reconciled = 0
+        self.workers_started = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    @contextlib.asynccontextmanager
+    async def lifetime(self) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            self._retire_worker()
+
+    def _retire_worker(self) -> None:
+        worker = self.worker
+        if worker is not None:
+            if worker.wedged:
+                self.notify(Notice(self.name, str(EventKind.WORKER_ABANDONED),
+                                   trio.current_time(),
+                                   data={"abandoned_threads": ABANDONED.total + (
+                                       0 if self._inline else 1)}))
+            worker.retire()
+            self.worker = None
+        self._ipc_up = False
+
+    async def _call(self, name: str, *args: Any, **kwargs: Any) -> tuple[Any, tuple[int, str]]:
+        if self.worker is None:
+            raise WorkerLost(f"{name}: no terminal worker")
+        return await self.worker.call(name, args, kwargs)
+
+    async def connect(self) -> None:
+        if self.backend is None:
+            self.backend = self._backend_factory()
+        if self._broker_only and self._ipc_up and self.worker is not None \
+                and not self.worker.wedged:
+            await self._require_broker("connect")  # IPC is fine: wait for the broker only
+            self._broker_only = False
+            return
+        self._retire_worker()
+        self.worker = InlineWorker(self.backend) if self._inline else ThreadWorker(self.backend)
+        self.workers_started += 1
+        ok, (code, message) = await self._call("initialize", **self._init_kwargs)
+        if not ok:
+            raise Mt5Error(classify_code(code, message, "initialize"))
+        self._ipc_up = True
+        await self._require_broker("initialize")
+        self._broker_only = False
+
+    async def _require_broker(self, op: str) -> None:
+        info, (code, message) = await self._call("terminal_info")
+        if info is None:
+            raise Mt5Error(classify_code(code, message, op))
+        if not info.connected:
+            raise Mt5Error(Failure(ErrorCode.BROKER_UNAVAILABLE,
+                                   f"{op} failed: terminal is not connected to the trade server",
+                                   connection=True))
+
+    async def release(self) -> None:
+        if self._broker_only and self.worker is not None and not self.worker.wedged:
+            return  # keep the IPC session: only the broker went away
+        worker = self.worker
+        if worker is not None and not worker.wedged and self._ipc_up:
+            with trio.move_on_after(2.0):
+                with contextlib.suppress(WorkerLost):
+                    await self._call("shutdown")
+        self._retire_worker()
+
+    async def probe(self) -> None:
+        await self._require_broker("terminal_info")
+
+    # ------------------------------------------------------------------ requests
+    async def handle(self, op: str, args: Mapping[str, Any]) -> Any:
+        positional, keywords = _bind(op, args)
+        if op == "order_send":
+            return await self._order_send(positional[0])
+        result, (code, message) = await self._call(op, *positional, **keywords)
+        if result is None or result is False:
+            raise Mt5Error(classify_code(code, message, op))
+        if op == "order_check" and getattr(result, "retcode", 0) not in (0, *ORDER_OK):
+            raise Mt5Error(classify_retcode(result.retcode, result.comment, op))
+        return result
+
+    async def _order_send(self, request: dict[str, Any]) -> Any:
+        symbol = request.get("symbol")
+        if not isinstance(symbol, str) or not symbol:
+            raise Mt5Error(Failure(ErrorCode.INVALID_REQUEST,
+                                   "order_send failed: request.symbol must be a non-empty string"))
+        pending = self.unresolved.get(symbol)
+        if pending is not None:
+            filled = await self._reconcile(symbol, pending)
+            if filled is not None and _same_order(pending.request, request):
+                return filled  # the earlier, lost reply was a fill: never send it twice
+        tag = request.get("comment") or f"{TAG_PREFIX}{self._tag_base}-{next(self._tags)}"
+        request = {**request, "comment": tag}
+        sent_at = _server_now(self.backend)
+        # Until a definite answer arrives, the outcome is unknown (a deadline may cancel us).
+        self.unresolved[symbol] = Unresolved(request, tag, sent_at)
+        result, (code, message) = await self._call("order_send", request)
+        if result is None:
+            raise Mt5Error(Failure(ErrorCode.ORDER_STATE_UNKNOWN, operation_message(
+                "order_send", f"no reply from the terminal ({message or 'no message'}, {code}); "
+                f"the order may have been executed - it will be reconciled, not re-sent")))
+        if result.retcode == codes.TRADE_RETCODE_TIMEOUT:
+            raise Mt5Error(classify_retcode(result.retcode, result.comment, "order_send"))
+        del self.unresolved[symbol]
+        if result.retcode not in ORDER_OK:
+            raise Mt5Error(classify_retcode(result.retcode, result.comment, "order_send"))
+        return result
+
+    async def _reconcile(self, symbol: str, pending: Unresolved) -> Any | None:
+        """Find out what became of an order whose reply was lost. Returns a synthetic
+        ``OrderSendResult``-like dict if it was filled, None if it was not; raises
+        ORDER_STATE_UNKNOWN if the terminal cannot tell us."""
+        start = pending.sent_at - timedelta(minutes=5)
+        end = _server_now(self.backend) + timedelta(minutes=5)
+        deals, (code, message) = await self._call("history_deals_get", start, end)
+        if deals is None and code != codes.RES_S_OK:
+            raise Mt5Error(Failure(ErrorCode.ORDER_STATE_UNKNOWN, operation_message(
+                "order_send", f"previous order on {symbol} is unresolved and cannot be "
+                f"reconciled yet ({message}, {code})")))
+        matches = [d for d in deals or () if d.symbol == symbol
+                   and d.comment.startswith(pending.tag[:31])]
+        if not matches:
+            positions, _ = await self._call("positions_get", symbol=symbol)
+            matches = [p for p in positions or () if p.comment.startswith(pending.tag[:31])]
+        del self.unresolved[symbol]
+        self.reconciled += 1
+        outcome_word = "filled" if matches else "not_filled"
+        self.notify(Notice(self.name, str(EventKind.ORDER_RECONCILED),
+                                   trio.current_time(),
+                                   data={"symbol": symbol, "tag": pending.tag,
+                                         "outcome": outcome_word}))
+        if not matches:
+            return None
+        deal = matches[0]
+        return {
+            "retcode": codes.TRADE_RETCODE_DONE,
+            "deal": getattr(deal, "ticket", 0),
+            "order": getattr(deal, "order", 0),
+            "volume": deal.volume,
+            "price": deal.price if hasattr(deal, "price") else deal.price_open,
+            "comment": "reconciled: filled before its reply was lost",
+            "request": pending.request,
+        }
+
+    # ------------------------------------------------------------------ errors
+    def classify(self, exc: BaseException, op: str) -> Failure:
+        if isinstance(exc, Mt5Error):
+            failure = exc.failure
+        elif isinstance(exc, WorkerLost):
+            failure = Failure(ErrorCode.MT5_IPC_FAILED, operation_message(op, describe(exc)),
+                              connection=True)
+        elif isinstance(exc, EOFError | ConnectionError | OSError):
+            # mt5linux: the bridge's transport failures are exceptions, not last_error().
+            failure = Failure(ErrorCode.MT5_IPC_FAILED,
+                              operation_message(op, describe(exc), self._secrets),
+                              connection=True)
+        elif isinstance(exc, TypeError | ValueError):
+            failure = Failure(ErrorCode.INVALID_REQUEST,
+                              operation_message(op, describe(exc), self._secrets))
+        else:
+            failure = Failure(ErrorCode.INTERNAL,
+                              operation_message(op, describe(exc), self._secrets))
+        if failure.connection:
+            self._broker_only = failure.code is ErrorCode.BROKER_UNAVAILABLE
+        return failure
+
+    def deadline_failure(self, op: str, timeout_s: float) -> Failure:
+        # A terminal that does not answer within the deadline is hung: replace the worker.
+        self._broker_only = False
+        return Failure(ErrorCode.MT5_IPC_TIMEOUT,
+                       f"{op} failed: the terminal did not answer within {timeout_s:g} s",
+                       connection=True)
+
+    def status_extra(self) -> dict[str, Any]:
+        return {
+            "workers_started": self.workers_started,
+            "abandoned_threads": ABANDONED.total,
+            "abandoned_threads_alive": ABANDONED.alive,
+            "unresolved_orders": sorted(self.unresolved),
+            "reconciled_orders": self.reconciled,
+        }
+
+
+def _same_order(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    strip = {"comment"}
+    return {k: v for k, v in a.items() if k not in strip} == {
+        k: v for k, v in b.items() if k not in strip}
+
+
+def _server_now(backend: Any) -> datetime:
+    now = getattr(backend, "server_time", None)
+    if callable(now):
+        value = now()
+        if isinstance(value, datetime):
+            return value
+        return datetime.fromtimestamp(float(value), tz=UTC)
+    return datetime.now(tz=UTC)
+
+
+def _to_datetime(name: str, value: Any) -> datetime:
+    if isinstance(value, datetime):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return datetime.fromtimestamp(value, tz=UTC)
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"{name} must be an ISO 8601 time or epoch seconds") from None
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    raise TypeError(f"{name} must be an ISO 8601 time or epoch seconds, "
+                    f"not {type(value).__name__}")
+
+
+def _bind(op: str, args: Mapping[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    """Named arguments (as the control channel sends them) -> the MetaTrader5 call."""
+    positional_names, keyword_names = SIGNATURES[op]
+    unknown = set(args) - set(positional_names) - set(keyword_names)
+    if unknown:
+        raise TypeError(f"unexpected argument(s) {', '.join(sorted(unknown))}; "
+                        f"{op} takes {', '.join(positional_names + keyword_names) or 'none'}")
+    positional: list[Any] = []
+    for name in positional_names:
+        if name not in args:
+            if op == "symbol_select" and name == "enable":
+                positional.append(True)
+                continue
+            raise TypeError(f"missing argument {name!r}")
+        value = args[name]
+        if name in DATE_PARAMS:
+            value = _to_datetime(name, value)
+        if name == "request" and not isinstance(value, Mapping):
+            raise TypeError("request must be an object")
+        if name == "symbol" and (not isinstance(value, str) or not value):
+            raise TypeError("symbol must be a non-empty string")
+        positional.append(dict(value) if name == "request" else value)
+    keywords = {k: args[k] for k in keyword_names if k in args and args[k] is not None}
+    return positional, keywords
+
+
+class Mt5Ref(ActorRef):
+    """``rt.mt5``: the MetaTrader5 function names as async methods returning ``Response``."""
+
+    async def _op(self, op: str, positional: tuple[Any, ...], named: dict[str, Any],
+                  timeout_s: float | None) -> Response:
+        names = SIGNATURES[op][0]
+        if len(positional) > len(names):
+            raise TypeError(f"{op} takes at most {len(names)} positional arguments")
+        args = dict(zip(names, positional, strict=False))
+        args.update({k: v for k, v in named.items() if v is not None})
+        return await self.call(op, args, timeout_s=timeout_s)
+
+    async def initialize(self) -> Response:
+        """Re-initialize the terminal: an operator restart of the actor."""
+        await self._child.cell.restart("initialize")
+        return Response.success(True)
+
+    def __getattr__(self, op: str) -> Any:
+        if op not in SIGNATURES:
+            raise AttributeError(op)
+
+        async def method(*positional: Any, timeout_s: float | None = None,
+                         **named: Any) -> Response:
+            return await self._op(op, positional, named, timeout_s)
+
+        method.__name__ = op
+        return method
+
+
+def make_mt5_actor(config: Any) -> tuple[Mt5Actor, Any]:
+    """The actor for ``[mt5]``, and the simulator when that is the backend."""
+    m = config["mt5"]
+    backend = m["backend"]
+    simulator = None
+    if backend == "simulator":
+        from actors.mt5.simulator import TerminalSimulator
+
+        simulator = TerminalSimulator(clock=trio.current_time, seed=m["simulator_seed"],
+                                      ipc_timeout_s=m["terminal_timeout_ms"] / 1000.0)
+        factory: Any = lambda: simulator  # noqa: E731
+        inline = True
+    elif backend == "metatrader5":
+        def factory() -> Any:
+            import MetaTrader5  # Windows only (extra "mt5")
+
+            return MetaTrader5
+
+        inline = False
+    else:
+        def factory() -> Any:
+            from mt5linux import MetaTrader5  # extra "bridge"
+
+            return MetaTrader5(host=m["host"], port=m["port"])
+
+        inline = False
+    actor = Mt5Actor(factory, inline=inline, path=m["path"], login=m["login"],
+                     password=config.mt5_password, server=m["server"],
+                     timeout_ms=m["terminal_timeout_ms"])
+    return actor, simulator

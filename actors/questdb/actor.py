@@ -1,0 +1,240 @@
+"""The QuestDB pool actor: asyncpg over PostgreSQL wire, inside a trio-asyncio loop it owns.
+
+Why it is shaped like this:
+
+* asyncpg is asyncio-only. The actor's ``lifetime()`` opens one ``trio_asyncio`` loop; the
+  pool is created, used and closed inside it, and only this actor's tasks (which inherit the
+  loop) ever touch it.
+* Pool settings suit QuestDB: a small pool with a lazy ``min_size`` of 0; idle connections
+  retired after 240 s, under QuestDB's 5-minute idle close; connect and command timeouts; a
+  bounded statement cache; and an empty reset, since QuestDB rejects asyncpg's default reset
+  query (``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL``).
+* When the database is lost, ``release()`` only marks the pool's connections expired and
+  ``connect()`` proves the server with ``SELECT 1``: on recovery stale connections are
+  replaced one by one, the pool is not rebuilt. The pool is closed when the actor stops.
+* Errors are classified in one place (``actors.questdb.errors``); connection errors are
+  retried by the cell (0.1 s, 0.5 s, 1.0 s) and count for the breaker, query errors are not.
+* The SQL dialect (QuestDB or PostgreSQL) is detected from ``SELECT version()`` on connect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+import asyncpg
+import trio
+import trio_asyncio
+
+from actors.questdb.dialect import POSTGRESQL, Dialect, detect_dialect
+from actors.questdb.errors import classify_db_error
+from supervision.actor import READ, READ_UNCACHED, WRITE, Actor, OpSpec
+from supervision.errors import Failure, Response
+from supervision.ref import ActorRef
+
+log = logging.getLogger("mt5_supervisor.questdb")
+
+QUESTDB_IDLE_CLOSE_S = 300.0
+
+
+async def _no_reset(connection: Any) -> None:
+    """QuestDB rejects asyncpg's default reset query; there is no session state to reset."""
+
+
+def _password_of(dsn: str) -> str | None:
+    try:
+        return urlsplit(dsn).password
+    except ValueError:
+        return None
+
+
+def _sql_args(args: Mapping[str, Any]) -> tuple[str, list[Any]]:
+    sql = args.get("sql")
+    if not isinstance(sql, str) or not sql.strip():
+        raise TypeError("sql must be a non-empty string")
+    params = args.get("params") or []
+    if not isinstance(params, list | tuple):
+        raise TypeError("params must be a list")
+    return sql, list(params)
+
+
+class QuestdbActor(Actor):
+    ops: ClassVar[Mapping[str, OpSpec]] = {
+        "fetch": READ,
+        "fetchrow": READ,
+        "fetchval": READ,
+        "execute": WRITE,
+        "executemany": WRITE,
+        # Replays are deduplicated by the table's key, so persisting is safe to retry.
+        "persist_events": OpSpec(cacheable=False, idempotent=True),
+        "max_persisted_seq": READ_UNCACHED,
+    }
+
+    def __init__(self, dsn: str, config: Any = None, *, name: str = "questdb",
+                 pool_min_size: int = 0, pool_max_size: int = 4,
+                 command_timeout_s: float = 10.0, connect_timeout_s: float = 10.0,
+                 statement_cache_size: int = 100) -> None:
+        if config is not None:
+            q = config["questdb"]
+            pool_min_size, pool_max_size = q["pool_min_size"], q["pool_max_size"]
+            command_timeout_s, connect_timeout_s = q["command_timeout_s"], q["connect_timeout_s"]
+        self.name = name
+        self.dsn = dsn
+        self._secrets = tuple(s for s in (_password_of(dsn),) if s)
+        self.pool_min_size = pool_min_size
+        self.pool_max_size = max(1, pool_max_size)
+        self.concurrency = self.pool_max_size
+        self.command_timeout_s = command_timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.statement_cache_size = statement_cache_size
+        self.pool: asyncpg.Pool | None = None
+        self.dialect: Dialect = POSTGRESQL
+        self.server_version = ""
+        self.events_table_ready = False
+
+    # ------------------------------------------------------------------ lifecycle
+    @contextlib.asynccontextmanager
+    async def lifetime(self) -> AsyncIterator[None]:
+        async with trio_asyncio.open_loop():
+            try:
+                yield
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(5.0):
+                    await self._close_pool()
+
+    async def _close_pool(self) -> None:
+        pool, self.pool = self.pool, None
+        if pool is None:
+            return
+        try:
+            with trio.move_on_after(3.0) as scope:
+                await trio_asyncio.aio_as_trio(pool.close)()
+            if scope.cancelled_caught:
+                pool.terminate()
+        except Exception:
+            log.debug("closing the pool failed", exc_info=True)
+            pool.terminate()
+
+    async def connect(self) -> None:
+        if self.pool is None:
+            self.pool = await trio_asyncio.aio_as_trio(asyncpg.create_pool)(
+                self.dsn,
+                min_size=self.pool_min_size,
+                max_size=self.pool_max_size,
+                max_inactive_connection_lifetime=QUESTDB_IDLE_CLOSE_S * 0.8,
+                command_timeout=self.command_timeout_s,
+                timeout=self.connect_timeout_s,
+                statement_cache_size=self.statement_cache_size,
+                max_cached_statement_lifetime=QUESTDB_IDLE_CLOSE_S,
+                reset=_no_reset,
+            )
+        version = await self._run(lambda pool: pool.fetchval(
+            "SELECT version()", timeout=self.connect_timeout_s))
+        self.server_version = str(version)
+        self.dialect = detect_dialect(self.server_version)
+
+    async def release(self) -> None:
+        # Not a rebuild: connections are replaced lazily as they are next acquired.
+        if self.pool is not None:
+            await trio_asyncio.aio_as_trio(self.pool.expire_connections)()
+
+    async def probe(self) -> None:
+        await self._run(lambda pool: pool.fetchval("SELECT 1", timeout=self.command_timeout_s))
+
+    async def _run(self, work: Any) -> Any:
+        pool = self.pool
+        if pool is None:
+            raise ConnectionError("the connection pool is not open")
+        return await trio_asyncio.aio_as_trio(work)(pool)
+
+    # ------------------------------------------------------------------ requests
+    async def handle(self, op: str, args: Mapping[str, Any]) -> Any:
+        if op == "persist_events":
+            return await self._persist(args)
+        if op == "max_persisted_seq":
+            await self._ensure_events_table()
+            return await self._run(lambda p: p.fetchval(self.dialect.max_persisted_seq)) or 0
+        sql, params = _sql_args(args)
+        timeout = self.command_timeout_s
+        try:
+            if op == "fetch":
+                rows = await self._run(lambda p: p.fetch(sql, *params, timeout=timeout))
+                return [dict(r) for r in rows]
+            if op == "fetchrow":
+                row = await self._run(lambda p: p.fetchrow(sql, *params, timeout=timeout))
+                return None if row is None else dict(row)
+            if op == "fetchval":
+                return await self._run(lambda p: p.fetchval(sql, *params, timeout=timeout))
+            if op == "execute":
+                return await self._run(lambda p: p.execute(sql, *params, timeout=timeout))
+            if op == "executemany":
+                if not all(isinstance(row, list | tuple) for row in params):
+                    raise TypeError("executemany params must be a list of rows")
+                await self._run(lambda p: p.executemany(sql, params, timeout=timeout))
+                return len(params)
+        except Exception:
+            log.debug("%s failed for query %r", op, sql[:100], exc_info=True)
+            raise
+        raise ValueError(f"unknown operation {op!r}")
+
+    async def _ensure_events_table(self) -> None:
+        if not self.events_table_ready:
+            await self._run(lambda p: p.execute(self.dialect.create_events_table))
+            self.events_table_ready = True
+
+    async def _persist(self, args: Mapping[str, Any]) -> int:
+        events = args.get("events")
+        if not isinstance(events, list):
+            raise TypeError("events must be a list of event objects")
+        await self._ensure_events_table()
+        rows = [self.dialect.event_row(e) for e in events]
+        if rows:
+            sql = self.dialect.insert_events
+            await self._run(lambda p: p.executemany(sql, rows, timeout=self.command_timeout_s))
+        return len(rows)
+
+    def classify(self, exc: BaseException, op: str) -> Failure:
+        if isinstance(exc, TypeError | ValueError) and not isinstance(exc, asyncpg.PostgresError):
+            from supervision.errors import ErrorCode, describe, operation_message
+
+            return Failure(ErrorCode.INVALID_REQUEST, operation_message(op, describe(exc)))
+        return classify_db_error(exc, op, secrets=self._secrets)
+
+    def status_extra(self) -> dict[str, Any]:
+        pool = self.pool
+        return {
+            "dialect": self.dialect.name,
+            "pool_size": pool.get_size() if pool is not None else 0,
+            "pool_idle": pool.get_idle_size() if pool is not None else 0,
+        }
+
+
+class QuestdbRef(ActorRef):
+    """``rt.questdb``: asyncpg-style methods returning ``Response``."""
+
+    async def fetch(self, sql: str, *params: Any, timeout_s: float | None = None) -> Response:
+        return await self.call("fetch", {"sql": sql, "params": list(params)},
+                               timeout_s=timeout_s)
+
+    async def fetchrow(self, sql: str, *params: Any, timeout_s: float | None = None
+                       ) -> Response:
+        return await self.call("fetchrow", {"sql": sql, "params": list(params)},
+                               timeout_s=timeout_s)
+
+    async def fetchval(self, sql: str, *params: Any, timeout_s: float | None = None
+                       ) -> Response:
+        return await self.call("fetchval", {"sql": sql, "params": list(params)},
+                               timeout_s=timeout_s)
+
+    async def execute(self, sql: str, *params: Any, timeout_s: float | None = None
+                      ) -> Response:
+        return await self.call("execute", {"sql": sql, "params": list(params)},
+                               timeout_s=timeout_s)
+
+    async def executemany(self, sql: str, rows: list[Any], *, timeout_s: float | None = None
+                          ) -> Response:
+        return await self.call("executemany", {"sql": sql, "params": [list(r) for r in rows]},
+                               timeout_s=timeout_s)

@@ -1,0 +1,263 @@
+"""Runtime configuration: TOML, environment overrides, secrets from the environment.
+
+Rules (DESIGN.md section 8):
+
+* Every key has a type and a default; a file may set any subset. Unknown sections or keys and
+  wrong types are refused at start with the key and the file named (``ConfigError``).
+* ``[mt5]``, ``[questdb]`` and ``[cache]`` may override any ``[supervisor]`` timing for that
+  actor alone.
+* Environment overrides: ``MT5SUP_<SECTION>_<KEY>`` (e.g. ``MT5SUP_CONTROL_PORT=9000``),
+  parsed as TOML values when they parse, else taken as strings.
+* Secrets never live in the file: the control token comes from the variable named by
+  ``control.token_env``; the MT5 password from ``MT5_PASSWORD``. A DSN may carry a password
+  (it then comes from the file or ``MT5SUP_QUESTDB_DSN``); it is redacted everywhere it is shown.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from supervision.breaker import BreakerConfig
+from supervision.eventlog import FSYNC_POLICIES
+from supervision.settings import ActorSettings
+
+ENV_PREFIX = "MT5SUP_"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+# key -> (type, default). ``float`` accepts integers; ``list[float]`` is written "floats".
+SUPERVISOR_KEYS: dict[str, tuple[str, Any]] = {
+    "backoff_base_s": ("float", 1.0),
+    "backoff_factor": ("float", 2.0),
+    "max_attempts": ("int", 3),
+    "jitter": ("float", 0.0),
+    "health_interval_s": ("float", 30.0),
+    "probe_timeout_s": ("float", 5.0),
+    "call_timeout_s": ("float", 10.0),
+    "connect_timeout_s": ("float", 10.0),
+    "shutdown_timeout_s": ("float", 5.0),
+    "queue_limit": ("int", 1000),
+}
+
+SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
+    "runtime": {
+        "state_dir": ("str", "./var"),
+        "fsync": ("str", "batch"),
+        "subscriber_buffer": ("int", 1000),
+    },
+    "control": {
+        "enabled": ("bool", True),
+        "host": ("str", "127.0.0.1"),
+        "port": ("int", 8765),
+        "token_env": ("str", "MT5SUP_TOKEN"),
+        "max_message_bytes": ("int", 1024 * 1024),
+        "max_connections": ("int", 256),
+        "requests_per_second": ("float", 200.0),
+        "open_reads": ("bool", True),
+    },
+    "health": {
+        "enabled": ("bool", True),
+        "host": ("str", "127.0.0.1"),
+        "port": ("int", 8766),
+    },
+    "supervisor": dict(SUPERVISOR_KEYS),
+    "mt5": {
+        "enabled": ("bool", True),
+        "backend": ("str", "simulator"),
+        "path": ("str", ""),
+        "login": ("int", 0),
+        "server": ("str", ""),
+        "host": ("str", "127.0.0.1"),
+        "port": ("int", 18812),
+        "terminal_timeout_ms": ("int", 60_000),
+        "simulator_seed": ("int", 0),
+        "breaker_threshold": ("int", 5),
+        "breaker_open_s": ("float", 30.0),
+        **SUPERVISOR_KEYS,
+    },
+    "questdb": {
+        "enabled": ("bool", True),
+        "dsn": ("str", ""),
+        "retry_delays_s": ("floats", [0.1, 0.5, 1.0]),
+        "breaker_threshold": ("int", 5),
+        "breaker_open_s": ("float", 30.0),
+        "pool_min_size": ("int", 0),
+        "pool_max_size": ("int", 4),
+        "command_timeout_s": ("float", 10.0),
+        "persist_events": ("bool", True),
+        "persist_batch_size": ("int", 500),
+        **SUPERVISOR_KEYS,
+    },
+    "cache": {
+        "ttl_s": ("float", 300.0),
+        "max_entries": ("int", 10_000),
+        **SUPERVISOR_KEYS,
+    },
+}
+
+CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("runtime", "fsync"): FSYNC_POLICIES,
+    ("mt5", "backend"): ("simulator", "metatrader5", "mt5linux"),
+}
+
+
+def _check(section: str, key: str, kind: str, value: Any, source: str) -> Any:
+    where = f"{section}.{key} in {source}"
+    ok = {
+        "str": lambda v: isinstance(v, str),
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "float": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+        "bool": lambda v: isinstance(v, bool),
+        "floats": lambda v: isinstance(v, list) and all(
+            isinstance(x, int | float) and not isinstance(x, bool) for x in v),
+    }[kind](value)
+    if not ok:
+        expected = {"floats": "a list of numbers"}.get(kind, f"a {kind}")
+        raise ConfigError(f"{where}: expected {expected}, got {type(value).__name__} "
+                          f"{value!r}")
+    if kind == "float":
+        value = float(value)
+        if value < 0:
+            raise ConfigError(f"{where}: must be >= 0, got {value!r}")
+    if kind == "floats":
+        value = [float(x) for x in value]
+    if kind == "int" and key.endswith(("port",)) and not 0 <= value <= 65535:
+        raise ConfigError(f"{where}: not a TCP port: {value!r}")
+    choices = CHOICES.get((section, key))
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{where}: must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _env_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+@attrs.frozen
+class RuntimeConfig:
+    """The validated configuration. ``values[section][key]``, all keys present."""
+
+    values: Mapping[str, Mapping[str, Any]] = attrs.field(
+        factory=lambda: {s: {k: d for k, (_, d) in keys.items()} for s, keys in SCHEMA.items()})
+    source: str = "<defaults>"
+    env: Mapping[str, str] = attrs.field(factory=dict, repr=False)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] | None = None,
+             env: Mapping[str, str] | None = None) -> RuntimeConfig:
+        env = dict(os.environ if env is None else env)
+        raw: dict[str, Any] = {}
+        source = "<defaults>"
+        if path is not None:
+            source = str(path)
+            try:
+                raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                raise ConfigError(f"{source}: no such configuration file") from None
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+        return cls.from_mapping(raw, source=source, env=env)
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any], *, source: str = "<mapping>",
+                     env: Mapping[str, str] | None = None) -> RuntimeConfig:
+        env = dict(os.environ if env is None else env)
+        values = {s: {k: d for k, (_, d) in keys.items()} for s, keys in SCHEMA.items()}
+        for section, table in raw.items():
+            if section not in SCHEMA:
+                raise ConfigError(f"{source}: unknown section [{section}]")
+            if not isinstance(table, Mapping):
+                raise ConfigError(f"{source}: [{section}] must be a table")
+            for key, value in table.items():
+                if key not in SCHEMA[section]:
+                    raise ConfigError(f"{source}: unknown key {section}.{key}")
+                values[section][key] = _check(section, key, SCHEMA[section][key][0], value,
+                                              source)
+        # Actor sections inherit [supervisor] values they do not set themselves.
+        for section in ("mt5", "questdb", "cache"):
+            own = raw.get(section, {})
+            for key in SUPERVISOR_KEYS:
+                if key not in own:
+                    values[section][key] = values["supervisor"][key]
+        for name, text in env.items():
+            if not name.startswith(ENV_PREFIX):
+                continue
+            rest = name[len(ENV_PREFIX):].lower()
+            section, _, key = rest.partition("_")
+            if section not in SCHEMA or key not in SCHEMA[section]:
+                continue  # e.g. MT5SUP_TOKEN, the default token variable
+            values[section][key] = _check(section, key, SCHEMA[section][key][0],
+                                          _env_value(text), f"environment variable {name}")
+        return cls(values=values, source=source, env=env)
+
+    def with_overrides(self, **sections: Mapping[str, Any]) -> RuntimeConfig:
+        """A copy with some keys replaced (validated), e.g. ``control={"port": 0}``."""
+        values = {s: dict(v) for s, v in self.values.items()}
+        for section, table in sections.items():
+            if section not in SCHEMA:
+                raise ConfigError(f"overrides: unknown section [{section}]")
+            for key, value in table.items():
+                if key not in SCHEMA[section]:
+                    raise ConfigError(f"overrides: unknown key {section}.{key}")
+                values[section][key] = _check(section, key, SCHEMA[section][key][0], value,
+                                              "overrides")
+        return attrs.evolve(self, values=values)
+
+    # ------------------------------------------------------------------ views
+    def __getitem__(self, section: str) -> Mapping[str, Any]:
+        return self.values[section]
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.values["runtime"]["state_dir"])
+
+    @property
+    def token(self) -> str | None:
+        name = self.values["control"]["token_env"]
+        return self.env.get(name) or None
+
+    @property
+    def mt5_password(self) -> str | None:
+        return self.env.get("MT5_PASSWORD") or None
+
+    def actor_settings(self, section: str) -> ActorSettings:
+        v = self.values[section]
+        breaker = None
+        retry: tuple[float, ...] = ()
+        if "breaker_threshold" in v:
+            breaker = BreakerConfig(threshold=v["breaker_threshold"], open_s=v["breaker_open_s"],
+                                    probe_timeout_s=max(v["probe_timeout_s"],
+                                                        v["call_timeout_s"]))
+        if section == "questdb":
+            retry = tuple(v["retry_delays_s"])
+        if v["max_attempts"] < 1:
+            raise ConfigError(f"{section}.max_attempts in {self.source}: must be >= 1")
+        if v["jitter"] > 1:
+            raise ConfigError(f"{section}.jitter in {self.source}: must be between 0 and 1")
+        return ActorSettings(
+            backoff_base_s=v["backoff_base_s"],
+            backoff_factor=v["backoff_factor"],
+            max_attempts=v["max_attempts"],
+            jitter=v["jitter"],
+            health_interval_s=v["health_interval_s"],
+            probe_timeout_s=v["probe_timeout_s"],
+            call_timeout_s=v["call_timeout_s"],
+            connect_timeout_s=v["connect_timeout_s"],
+            shutdown_timeout_s=v["shutdown_timeout_s"],
+            queue_limit=v["queue_limit"],
+            retry_delays_s=retry,
+            breaker=breaker,
+        )

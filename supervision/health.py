@@ -1,0 +1,120 @@
+"""The health document (DESIGN.md section 7): IETF "Health Check Response Format for HTTP
+APIs" (draft-inadarei-api-health-check), served as ``application/health+json``.
+
+Built only from state the supervisor already holds (its status view, fed by the actors'
+messages) and the cache's in-memory size: answering it does no I/O, so a health check can
+never hang on the resource it reports about.
+
+The status rule (docs/operations.md, "Health"):
+
+* per actor, ``<name>:connection``: CONNECTED -> pass; RECONNECTING or DISCONNECTED -> warn;
+  ERROR -> fail. The cache's check is ``cache:entries`` (observedValue: the entry count).
+* per breaker, ``<name>:circuit``: CLOSED -> pass; HALF_OPEN or OPEN -> warn.
+* overall: **fail** (HTTP 503) when an essential actor (``mt5``, ``questdb``) is in ERROR;
+  else **warn** when any check is not pass (something reconnecting, a non-essential actor
+  down, a breaker open: that is also when degraded answers are served); else **pass**.
+  200 for pass and warn.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from supervision.clock import iso
+
+if TYPE_CHECKING:
+    from supervision.runtime import Runtime
+
+CONTENT_TYPE = "application/health+json"
+ESSENTIAL_ACTORS = frozenset({"mt5", "questdb"})
+DATASTORES = frozenset({"questdb", "cache"})
+
+STATE_STATUS = {"CONNECTED": "pass", "RECONNECTING": "warn", "DISCONNECTED": "warn",
+                "ERROR": "fail"}
+BREAKER_STATUS = {"CLOSED": "pass", "HALF_OPEN": "warn", "OPEN": "warn"}
+HTTP_STATUS = {"pass": 200, "warn": 200, "fail": 503}
+
+try:  # read once at import: the document itself must not touch the disk
+    RELEASE_ID = metadata.version("mt5-supervisor")
+except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+    RELEASE_ID = "0+unknown"
+
+
+def overall_status(actor_states: dict[str, str], check_statuses: list[str]) -> str:
+    """The rule, on its own so it can be tested as a table."""
+    if any(state == "ERROR" and name in ESSENTIAL_ACTORS
+           for name, state in actor_states.items()):
+        return "fail"
+    if any(status != "pass" for status in check_statuses):
+        return "warn"
+    return "pass"
+
+
+def health_document(rt: Runtime) -> tuple[int, dict[str, Any]]:
+    """``(http_status, document)``."""
+    sup = rt.supervisor
+    now = iso(sup.wallclock.wall(trio.current_time()))
+    checks: dict[str, list[dict[str, Any]]] = {}
+    states: dict[str, str] = {}
+    problems: list[str] = []
+    for row in sup.status():
+        name, state = row["name"], row["state"]
+        states[name] = state
+        child = sup.children[name]
+        status = STATE_STATUS.get(state, "warn")
+        check: dict[str, Any] = {
+            "componentId": name,
+            "componentType": "datastore" if name in DATASTORES else "component",
+            "status": status,
+        }
+        if name == "cache":
+            key = "cache:entries"
+            check.update(observedValue=len(rt.store), observedUnit="entries", state=state)
+        else:
+            key = f"{name}:connection"
+            check["observedValue"] = state
+        check["time"] = now
+        if status != "pass":
+            check["output"] = _output(state, row["last_error"])
+            problems.append(f"{name} is {state}")
+        check["affectedEndpoints"] = []
+        check["since"] = row["since"]
+        check["restarts"] = row["restarts"]
+        if row["attempt"]:
+            check["attempt"] = row["attempt"]
+        if row["next_retry_at"] and state != "CONNECTED":
+            check["nextRetryAt"] = row["next_retry_at"]
+        check["degradedServed"] = child.view.degraded_served
+        checks[key] = [check]
+        breaker = row["breaker"]
+        if breaker is not None:
+            b_status = BREAKER_STATUS.get(breaker, "warn")
+            circuit: dict[str, Any] = {
+                "componentId": name, "componentType": "component", "status": b_status,
+                "observedValue": breaker, "time": now, "affectedEndpoints": []}
+            if b_status != "pass":
+                circuit["output"] = f"circuit {breaker}: calls to {name} fail fast"
+                problems.append(f"{name} circuit {breaker}")
+            checks[f"{name}:circuit"] = [circuit]
+    statuses = [c["status"] for entries in checks.values() for c in entries]
+    overall = overall_status(states, statuses)
+    doc: dict[str, Any] = {
+        "status": overall,
+        "version": RELEASE_ID.split(".")[0],
+        "releaseId": RELEASE_ID,
+        "serviceId": "mt5-supervisor",
+        "description": "supervised MetaTrader 5 / QuestDB / cache runtime",
+    }
+    if overall != "pass":
+        doc["output"] = "; ".join(problems)
+    doc["checks"] = checks
+    return HTTP_STATUS[overall], doc
+
+
+def _output(state: str, last_error: dict[str, Any] | None) -> str:
+    if last_error:
+        return f"{last_error.get('code')}: {last_error.get('message')}"
+    return f"actor is {state}"

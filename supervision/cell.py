@@ -49,10 +49,12 @@ Emit = Callable[[Message], Awaitable[None]]
 class CallRejected(Exception):
     """A call ended without a value; carries the ``ErrorInfo`` for the caller."""
 
-    def __init__(self, info: ErrorInfo, *, deadline: bool = False) -> None:
+    def __init__(self, info: ErrorInfo, *, deadline: bool = False,
+                 reason: str | None = None) -> None:
         super().__init__(info.message)
         self.info = info
         self.deadline = deadline
+        self.reason = reason
 
 
 @attrs.frozen(eq=False)  # identity: a request is a capacity-limiter borrower
@@ -160,7 +162,8 @@ class ActorCell:
                 raise
             if not failure.connection:
                 self._breaker_result(ticket, ok=True)  # the resource answered
-                raise CallRejected(self.error_info(failure.code, failure.message))
+                raise CallRejected(self.error_info(failure.code, failure.message),
+                                   reason=failure.reason)
             self._breaker_result(ticket, ok=False)
             now = trio.current_time()
             if attempt < len(delays) and now + delays[attempt] < deadline:

@@ -102,8 +102,9 @@ class Response:
         return cls(status="ok", data=data)
 
     @classmethod
-    def failure(cls, error: ErrorInfo) -> Response:
-        return cls(status="error", data=None, reason=reason_for(error.code), error=error)
+    def failure(cls, error: ErrorInfo, reason: str | None = None) -> Response:
+        return cls(status="error", data=None, reason=reason or reason_for(error.code),
+                   error=error)
 
     @classmethod
     def degraded(cls, data: Any, cached_at: datetime, error: ErrorInfo) -> Response:
@@ -141,6 +142,8 @@ class Failure:
     message: str
     # True: the resource is lost (reconnect, count for the breaker, retryable if idempotent).
     connection: bool = False
+    # A more precise ``Response.reason`` than the code's default (e.g. "retcode_10018").
+    reason: str | None = None
 
 
 class ActorFailure(Exception):

@@ -66,6 +66,7 @@ class ActorRef:
             value = await cell.call(op, args, deadline)
         except CallRejected as rejected:
             info = rejected.info
+            reason = rejected.reason
         else:
             if spec is not None and spec.cacheable and self._lkg is not None:
                 self._lkg.remember(cache_key(self.name, op, args), value, trio.current_time())
@@ -79,4 +80,4 @@ class ActorRef:
                     self.name, str(EventKind.DEGRADED_SERVED), now,
                     error=info, data={"op": op, "age_s": round(now - fetched_at, 6)}))
                 return Response.degraded(value, self._wallclock.wall(fetched_at), info)
-        return Response.failure(info)
+        return Response.failure(info, reason)

@@ -114,7 +114,8 @@ def classify_retcode(retcode: int, comment: str, op: str) -> Failure:
         return Failure(ErrorCode.AUTOTRADING_DISABLED, text)
     if retcode == codes.TRADE_RETCODE_TIMEOUT:
         return Failure(ErrorCode.ORDER_STATE_UNKNOWN, text)
-    return Failure(ErrorCode.INVALID_REQUEST, text)
+    # The trade server's own answer (requote, market closed, invalid volume, ...).
+    return Failure(ErrorCode.INVALID_REQUEST, text, reason=f"retcode_{retcode}")
 
 
 @attrs.frozen

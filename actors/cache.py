@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import attrs
 import trio
 
-from supervision.actor import WRITE, Actor, OpSpec
+from supervision.actor import READ_UNCACHED, WRITE, Actor, OpSpec
 from supervision.errors import ErrorCode, Failure, Response, describe, operation_message
 from supervision.ref import ActorRef
 
@@ -101,10 +101,10 @@ class CacheActor(Actor):
     health interval."""
 
     ops: ClassVar[Mapping[str, OpSpec]] = {
-        "get": OpSpec(cacheable=False, idempotent=True),
+        "get": READ_UNCACHED,
         "put": WRITE,
         "delete": WRITE,
-        "stats": OpSpec(cacheable=False, idempotent=True),
+        "stats": READ_UNCACHED,
         "clear": WRITE,
     }
 

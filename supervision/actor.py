@@ -37,10 +37,12 @@ from supervision.messages import Notice
 class OpSpec:
     cacheable: bool = False
     idempotent: bool = False
+    # Changes nothing: open to unauthenticated loopback clients of the control channel.
+    read: bool = False
 
 
-READ = OpSpec(cacheable=True, idempotent=True)
-READ_UNCACHED = OpSpec(cacheable=False, idempotent=True)
+READ = OpSpec(cacheable=True, idempotent=True, read=True)
+READ_UNCACHED = OpSpec(cacheable=False, idempotent=True, read=True)
 WRITE = OpSpec()
 
 

@@ -31,7 +31,7 @@ import trio
 
 from supervision import states
 from supervision.actor import Actor, OpSpec
-from supervision.breaker import Breaker, Ticket
+from supervision.breaker import Breaker, BreakerState, Ticket
 from supervision.breaker import Transition as BreakerTransition
 from supervision.errors import ActorFailure, ErrorCode, ErrorInfo, Failure
 from supervision.events import EventKind
@@ -55,6 +55,11 @@ class CallRejected(Exception):
         self.info = info
         self.deadline = deadline
         self.reason = reason
+
+
+class _NotRun(Exception):
+    """The request reached the front of the mailbox after its session ended: it never ran,
+    so the call goes back to the gate (and waits for the reconnect) instead of failing."""
 
 
 @attrs.frozen(eq=False)  # identity: a request is a capacity-limiter borrower
@@ -118,6 +123,7 @@ class ActorCell:
         self.last_error: ErrorInfo | None = None
         self.restarts = 0
         self._session = 0
+        self._failed_session = -1  # a session a call has reported dead, not yet processed
         self._stopped = False
         self._state_changed = trio.Event()
         self._waiters = 0
@@ -150,16 +156,28 @@ class ActorCell:
         delays = self.settings.retry_delays_s if spec.idempotent else ()
         timeout_s = max(0.0, deadline - trio.current_time())
         attempt = 0
+        seen: tuple[Failure, int] | None = None  # the connection failure a retry follows
         while True:
-            session = await self._admit(op, deadline)
-            ticket = self._breaker_admit(op)
             try:
-                return await self._request(op, args, deadline, session, timeout_s)
+                session = await self._admit(op, deadline)
+                ticket = self._breaker_admit(op)
+            except CallRejected:
+                if seen is not None:  # a retry was refused: still report what the call saw
+                    self.report_failure(*seen)
+                raise
+            try:
+                value = await self._request(op, args, deadline, session, timeout_s)
             except ActorFailure as exc:
                 failure = exc.failure
+            except _NotRun:
+                self._breaker_release(ticket)  # it never reached the resource
+                continue
             except BaseException:
                 self._breaker_release(ticket)  # no verdict on the resource
                 raise
+            else:
+                self._breaker_result(ticket, ok=True)  # closes a half-open breaker
+                return value
             if not failure.connection:
                 self._breaker_result(ticket, ok=True)  # the resource answered
                 raise CallRejected(self.error_info(failure.code, failure.message),
@@ -169,6 +187,7 @@ class ActorCell:
             if attempt < len(delays) and now + delays[attempt] < deadline:
                 log.warning("%s: %s (retry %d in %.3f s)", self.name, failure.message,
                             attempt + 1, delays[attempt])
+                seen = (failure, session)
                 await trio.sleep(delays[attempt])
                 attempt += 1
                 continue
@@ -176,15 +195,23 @@ class ActorCell:
             raise CallRejected(self.error_info(failure.code, failure.message))
 
     def report_failure(self, failure: Failure, session: int | None = None) -> None:
-        """A connection failure seen outside the driver (a call, an actor's own task)."""
+        """A connection failure seen outside the driver (a call, an actor's own task).
+
+        The session is marked failed at once, before the driver has run: calls admitted
+        from now on wait for the reconnect instead of reaching the dead session."""
+        session = self._session if session is None else session
+        if session == self._session:
+            self._failed_session = session
         try:
-            self._cmd_send.send_nowait(
-                _FailureReport(failure, self._session if session is None else session))
+            self._cmd_send.send_nowait(_FailureReport(failure, session))
         except (trio.WouldBlock, trio.ClosedResourceError):
             pass  # the driver already has failure reports queued, or is gone
 
     async def restart(self, reason: str = "operator") -> None:
-        await self._cmd_send.send(_Restart(reason))
+        try:
+            await self._cmd_send.send(_Restart(reason))
+        except trio.ClosedResourceError:
+            pass  # the cell has ended (stopped, or crashed and about to be replaced)
 
     async def stop(self, reason: str = "stop") -> None:
         if self._stopped:
@@ -203,7 +230,8 @@ class ActorCell:
     async def _admit(self, op: str, deadline: float) -> int:
         while True:
             state = self.status.state
-            if state is S.CONNECTED:
+            if (state is S.CONNECTED and not self._done.is_set()
+                    and self._failed_session != self._session):
                 return self._session
             now = trio.current_time()
             if state is S.ERROR:
@@ -214,9 +242,17 @@ class ActorCell:
                     f"{op} refused: {self.name} is in ERROR"
                     + (f" ({self.last_error.message})" if self.last_error else ""),
                     retry_after=retry))
-            if self._stopped:
+            if self._stopped or self._done.is_set():
                 raise CallRejected(self.error_info(
-                    ErrorCode.ACTOR_UNAVAILABLE, f"{op} refused: {self.name} is stopped"))
+                    ErrorCode.ACTOR_UNAVAILABLE, f"{op} refused: {self.name} is "
+                    + ("stopped" if self._stopped else "not running")))
+            breaker = self.breaker
+            if breaker is not None and breaker.state is BreakerState.OPEN:
+                retry = breaker.retry_after(now)
+                if retry:  # fail fast while open, rather than wait for the reconnect
+                    raise CallRejected(self.error_info(
+                        ErrorCode.CIRCUIT_OPEN, f"{op} refused: circuit open for {self.name}",
+                        retry_after=retry))
             if self._waiters >= self.settings.queue_limit:
                 raise CallRejected(self.error_info(
                     ErrorCode.ACTOR_UNAVAILABLE,
@@ -290,9 +326,13 @@ class ActorCell:
         if failure.connection:
             self._breaker_result(None, ok=False)
             self.report_failure(failure, session)
+        # The caller's deadline passed: TIMEOUT, unless the actor says what that means for
+        # this operation (an order_send cut off mid-flight: its outcome is unknown).
+        code = (failure.code if failure.code is ErrorCode.ORDER_STATE_UNKNOWN
+                else ErrorCode.TIMEOUT)
         raise CallRejected(self.error_info(
-            ErrorCode.TIMEOUT, f"{op} failed: no answer before the call's deadline"
-            + ("" if failure.code is ErrorCode.TIMEOUT else f" ({failure.code})")),
+            code, f"{op} failed: no answer before the call's deadline"
+            + ("" if failure.code is code else f" ({failure.code})")),
             deadline=True)
 
     async def _mailbox_loop(self) -> None:
@@ -316,10 +356,7 @@ class ActorCell:
         if reply.abandoned:
             return
         if request.session != self._session or self.status.state is not S.CONNECTED:
-            reply.set_error(ActorFailure(Failure(
-                ErrorCode.ACTOR_UNAVAILABLE,
-                f"{request.op} failed: {self.name} lost its connection before the call ran",
-                connection=False)))
+            reply.set_error(_NotRun())
             return
         with trio.move_on_at(request.deadline):
             try:
@@ -347,6 +384,7 @@ class ActorCell:
             self._mail_send.close()
             self._cmd_send.close()
             self._done.set()
+            self._wake_waiters()  # calls waiting at the gate are refused now, not at deadline
 
     async def _notice_pump(self) -> None:
         while True:
@@ -390,6 +428,7 @@ class ActorCell:
                     restart = self.restart_type == "permanent" or (
                         self.restart_type == "transient" and command.error is not None)
                     if not restart:
+                        self._stopped = True  # calls are refused at once from now on
                         info = (None if command.error is None
                                 else self._failure_info(self.actor.classify(command.error,
                                                                             "serve")))

@@ -10,10 +10,11 @@ The status rule (docs/operations.md, "Health"):
 * per actor, ``<name>:connection``: CONNECTED -> pass; RECONNECTING or DISCONNECTED -> warn;
   ERROR -> fail. The cache's check is ``cache:entries`` (observedValue: the entry count).
 * per breaker, ``<name>:circuit``: CLOSED -> pass; HALF_OPEN or OPEN -> warn.
-* overall: **fail** (HTTP 503) when an essential actor (``mt5``, ``questdb``) is in ERROR;
-  else **warn** when any check is not pass (something reconnecting, a non-essential actor
-  down, a breaker open: that is also when degraded answers are served); else **pass**.
-  200 for pass and warn.
+* overall: **fail** (HTTP 503) when every essential actor present (``mt5``, ``questdb``) is
+  in ERROR: the runtime can serve nothing but cached answers; else **warn** when any check
+  is not pass (an actor reconnecting or in ERROR, a breaker open: that is also when degraded
+  answers are served); else **pass**. 200 for pass and warn. One essential actor in ERROR is
+  a warn, as in DESIGN.md section 7's example: the rest of the runtime still serves.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare 
 
 def overall_status(actor_states: dict[str, str], check_statuses: list[str]) -> str:
     """The rule, on its own so it can be tested as a table."""
-    if any(state == "ERROR" and name in ESSENTIAL_ACTORS
-           for name, state in actor_states.items()):
+    essential = [state for name, state in actor_states.items() if name in ESSENTIAL_ACTORS]
+    if essential and all(state == "ERROR" for state in essential):
         return "fail"
     if any(status != "pass" for status in check_statuses):
         return "warn"

@@ -7,8 +7,8 @@ resource is down.
 Metrics are produced by a custom Prometheus ``Collector`` reading the supervisor at scrape
 time, registered in a registry of its own per runtime (two runtimes in one process, as in
 tests, never clash in the global registry). Call latency is recorded by the control
-channel's ``actor.call`` (``RuntimeMetrics.observe_call``); in-process calls made through
-``ActorRef`` are not timed, as the core's call path has no hook for it.
+``ActorRef`` call, in-process or from the control channel, through the supervisor's
+``call_observers`` hook (``RuntimeMetrics.observe_call``).
 """
 
 from __future__ import annotations
@@ -85,6 +85,9 @@ def metrics_for(rt: Runtime) -> RuntimeMetrics:
     metrics = _METRICS.get(rt)
     if metrics is None:
         metrics = _METRICS[rt] = RuntimeMetrics()
+        observe = metrics.observe_call
+        rt.supervisor.call_observers.append(
+            lambda actor, op, status, seconds: observe(actor, status, seconds))
     return metrics
 
 

@@ -10,7 +10,7 @@ deadline (``timeout_s``, default ``call_timeout_s``); none waits without one.
 from __future__ import annotations
 
 import json
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
@@ -40,11 +40,16 @@ def cache_key(actor: str, op: str, args: Mapping[str, Any]) -> str:
                                         separators=(",", ":"))
 
 
+CallObserver = Callable[[str, str, str, float], None]  # actor, op, status, seconds
+
+
 class ActorRef:
-    def __init__(self, child: Child, lkg: LastKnownGood | None, wallclock: WallClock) -> None:
+    def __init__(self, child: Child, lkg: LastKnownGood | None, wallclock: WallClock,
+                 observers: list[CallObserver] | None = None) -> None:
         self._child = child
         self._lkg = lkg
         self._wallclock = wallclock
+        self._observers = observers if observers is not None else []
         self.name = child.name
 
     @property
@@ -53,6 +58,16 @@ class ActorRef:
 
     async def call(self, op: str, args: Mapping[str, Any] | None = None, *,
                    timeout_s: float | None = None) -> Response:
+        started = trio.current_time()
+        response = await self._call(op, args, timeout_s)
+        if self._observers:
+            elapsed = trio.current_time() - started
+            for observe in self._observers:
+                observe(self.name, op, response.status, elapsed)
+        return response
+
+    async def _call(self, op: str, args: Mapping[str, Any] | None,
+                    timeout_s: float | None) -> Response:
         cell = self._child.cell
         args = args or {}
         timeout = cell.settings.call_timeout_s if timeout_s is None else timeout_s

@@ -37,7 +37,7 @@ from supervision.errors import ErrorCode, ErrorInfo
 from supervision.eventlog import EventLog
 from supervision.events import Event, EventKind
 from supervision.messages import Message, Notice, StateChanged
-from supervision.ref import ActorRef, LastKnownGood
+from supervision.ref import ActorRef, CallObserver, LastKnownGood
 from supervision.settings import ActorSettings
 from supervision.states import ConnectionState
 
@@ -118,6 +118,8 @@ class Supervisor:
         self._stopped = trio.Event()
         self._stopping = False
         self.events_total = 0
+        # Called after every ActorRef call: (actor, op, status, seconds). For metrics.
+        self.call_observers: list[CallObserver] = []
         self._last_at = -float("inf")
 
     # ------------------------------------------------------------------ queries (no I/O)
@@ -188,7 +190,7 @@ class Supervisor:
         child = self._new_child(spec)
         self.children[spec.name] = child
         self._order.append(spec.name)
-        child.ref = spec.ref_class(child, self.lkg, self.wallclock)
+        child.ref = spec.ref_class(child, self.lkg, self.wallclock, self.call_observers)
         await self._children_nursery.start(self._child_main, child)
         return child.ref
 

@@ -17,6 +17,8 @@ Rules:
   the next ``order_send`` for it first reconciles through ``history_deals_get`` /
   ``positions_get`` (orders are tagged in ``comment``). If the same request is sent again and
   the first one turns out filled, the fill is returned instead of sending a second order.
+  None with -2 or -8 (refused by the package or the terminal) is not unknown: it was never
+  sent. None with an IPC error is ORDER_STATE_UNKNOWN *and* a lost terminal (reconnect).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import attrs
 import trio
 
 from actors.mt5 import codes
+from actors.mt5.types import OrderSendResult, TradeRequest
 from actors.mt5.worker import ABANDONED, InlineWorker, ThreadWorker, Worker, WorkerLost
 from supervision.actor import READ, READ_UNCACHED, WRITE, Actor, OpSpec
 from supervision.errors import ErrorCode, Failure, Response, describe, operation_message
@@ -77,6 +80,8 @@ IPC_LOST = {codes.RES_E_INTERNAL_FAIL, codes.RES_E_INTERNAL_FAIL_SEND,
 ORDER_OK = {codes.TRADE_RETCODE_DONE, codes.TRADE_RETCODE_PLACED,
             codes.TRADE_RETCODE_DONE_PARTIAL}
 TAG_PREFIX = "mt5sup-"
+# order_send returned None with these: refused before it left the terminal, never executed.
+REFUSED_LOCALLY = {ErrorCode.INVALID_REQUEST, ErrorCode.AUTOTRADING_DISABLED}
 
 
 class Mt5Error(Exception):
@@ -180,7 +185,7 @@ class Mt5Actor(Actor):
 
     async def _call(self, name: str, *args: Any, **kwargs: Any) -> tuple[Any, tuple[int, str]]:
         if self.worker is None:
-            raise WorkerLost(f"{name}: no terminal worker")
+            raise WorkerLost("no terminal worker")
         return await self.worker.call(name, args, kwargs)
 
     async def connect(self) -> None:
@@ -252,9 +257,16 @@ class Mt5Actor(Actor):
         self.unresolved[symbol] = Unresolved(request, tag, sent_at)
         result, (code, message) = await self._call("order_send", request)
         if result is None:
+            seen = classify_code(code, message, "order_send")
+            if seen.code in REFUSED_LOCALLY:
+                # Refused by the package or the terminal before it left: certainly not sent.
+                del self.unresolved[symbol]
+                raise Mt5Error(seen)
+            # The outcome is unknown; an IPC failure also means the terminal is lost to us.
             raise Mt5Error(Failure(ErrorCode.ORDER_STATE_UNKNOWN, operation_message(
                 "order_send", f"no reply from the terminal ({message or 'no message'}, {code}); "
-                f"the order may have been executed - it will be reconciled, not re-sent")))
+                f"the order may have been executed - it will be reconciled, not re-sent"),
+                connection=seen.connection))
         if result.retcode == codes.TRADE_RETCODE_TIMEOUT:
             raise Mt5Error(classify_retcode(result.retcode, result.comment, "order_send"))
         del self.unresolved[symbol]
@@ -264,20 +276,23 @@ class Mt5Actor(Actor):
 
     async def _reconcile(self, symbol: str, pending: Unresolved) -> Any | None:
         """Find out what became of an order whose reply was lost. Returns a synthetic
-        ``OrderSendResult``-like dict if it was filled, None if it was not; raises
-        ORDER_STATE_UNKNOWN if the terminal cannot tell us."""
-        start = pending.sent_at - timedelta(minutes=5)
-        end = _server_now(self.backend) + timedelta(minutes=5)
+        ``OrderSendResult`` if it was filled, None if it was not; raises
+        ORDER_STATE_UNKNOWN (and keeps it unresolved) if the terminal cannot tell us."""
+        # History dates are in the trade server's time zone, which a real terminal does not
+        # tell us (brokers run at UTC+2/+3 and more): the window must cover any offset. The
+        # tag, unique per order, is what selects the deal.
+        start = pending.sent_at - timedelta(days=1)
+        end = _server_now(self.backend) + timedelta(days=1)
         deals, (code, message) = await self._call("history_deals_get", start, end)
-        if deals is None and code != codes.RES_S_OK:
-            raise Mt5Error(Failure(ErrorCode.ORDER_STATE_UNKNOWN, operation_message(
-                "order_send", f"previous order on {symbol} is unresolved and cannot be "
-                f"reconciled yet ({message}, {code})")))
-        matches = [d for d in deals or () if d.symbol == symbol
+        if deals is None:
+            raise self._unreconciled(symbol, code, message)
+        matches = [d for d in deals if d.symbol == symbol
                    and d.comment.startswith(pending.tag[:31])]
         if not matches:
-            positions, _ = await self._call("positions_get", symbol=symbol)
-            matches = [p for p in positions or () if p.comment.startswith(pending.tag[:31])]
+            positions, (code, message) = await self._call("positions_get", symbol=symbol)
+            if positions is None:
+                raise self._unreconciled(symbol, code, message)
+            matches = [p for p in positions if p.comment.startswith(pending.tag[:31])]
         del self.unresolved[symbol]
         self.reconciled += 1
         outcome_word = "filled" if matches else "not_filled"
@@ -288,15 +303,28 @@ class Mt5Actor(Actor):
         if not matches:
             return None
         deal = matches[0]
-        return {
-            "retcode": codes.TRADE_RETCODE_DONE,
-            "deal": getattr(deal, "ticket", 0),
-            "order": getattr(deal, "order", 0),
-            "volume": deal.volume,
-            "price": deal.price if hasattr(deal, "price") else deal.price_open,
-            "comment": "reconciled: filled before its reply was lost",
-            "request": pending.request,
-        }
+        is_deal = hasattr(deal, "order")  # else an open position found by its comment
+        # The same type as a live answer, so a caller reads it the same way.
+        return OrderSendResult(
+            retcode=codes.TRADE_RETCODE_DONE,
+            deal=deal.ticket if is_deal else 0,
+            order=deal.order if is_deal else deal.ticket,
+            volume=deal.volume,
+            price=deal.price if is_deal else deal.price_open,
+            bid=0.0,
+            ask=0.0,
+            comment="reconciled: filled before its reply was lost",
+            request_id=0,
+            retcode_external=0,
+            request=TradeRequest(**{k: v for k, v in pending.request.items()
+                                    if k in TradeRequest._fields}),
+        )
+
+    def _unreconciled(self, symbol: str, code: int, message: str) -> Mt5Error:
+        seen = classify_code(code, message, "order_send")
+        return Mt5Error(Failure(ErrorCode.ORDER_STATE_UNKNOWN, operation_message(
+            "order_send", f"previous order on {symbol} is unresolved and cannot be "
+            f"reconciled yet ({message or 'no message'}, {code})"), connection=seen.connection))
 
     # ------------------------------------------------------------------ errors
     def classify(self, exc: BaseException, op: str) -> Failure:
@@ -323,6 +351,12 @@ class Mt5Actor(Actor):
     def deadline_failure(self, op: str, timeout_s: float) -> Failure:
         # A terminal that does not answer within the deadline is hung: replace the worker.
         self._broker_only = False
+        if op == "order_send":
+            # It may have been executed: the caller must not assume either way.
+            return Failure(ErrorCode.ORDER_STATE_UNKNOWN,
+                           f"{op} failed: the terminal did not answer within {timeout_s:g} s; "
+                           "the order may have been executed - it will be reconciled, "
+                           "not re-sent", connection=True)
         return Failure(ErrorCode.MT5_IPC_TIMEOUT,
                        f"{op} failed: the terminal did not answer within {timeout_s:g} s",
                        connection=True)

@@ -41,8 +41,13 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, Endpoint, WebSocketConnection, WebSocketRequest
-from trio_websocket import serve_websocket
+from trio_websocket import (
+    ConnectionClosed,
+    Endpoint,
+    WebSocketConnection,
+    WebSocketRequest,
+    serve_websocket,
+)
 
 from supervision.bus import Missed, Subscription, make_filter
 from supervision.control.jsonrpc import (
@@ -161,7 +166,11 @@ async def serve_control(
 
 
 def _is_loopback(remote: Endpoint | str) -> bool:
-    return isinstance(remote, Endpoint) and remote.address.is_loopback
+    if not isinstance(remote, Endpoint):
+        return False
+    address = remote.address
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 on a dual-stack socket
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def _bearer(headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -192,7 +201,17 @@ class ControlServer:
         self.metrics = metrics_for(rt)
 
     async def handle(self, request: WebSocketRequest) -> None:
-        # Reserve the slot before any checkpoint so concurrent handshakes cannot overshoot.
+        try:
+            await self._handle(request)
+        except ConnectionClosed:
+            pass  # the client left during the handshake
+        except Exception:
+            # A bug in one connection must not take the server (and the runtime) down.
+            log.exception("control: a connection failed")
+
+    async def _handle(self, request: WebSocketRequest) -> None:
+        # Check and reserve the slot before any checkpoint: concurrent handshakes cannot
+        # overshoot the limit.
         if self.connections >= self.max_connections:
             self.metrics.control_rejected += 1
             await request.reject(503, body=b"too many connections\n")
@@ -408,18 +427,19 @@ class Connection:
                                          "control.open_reads is true")
 
     def _is_write_call(self, params: Mapping[str, Any]) -> bool:
-        """``actor.call`` is a read when the operation is declared cacheable (a read whose
-        answer may come from the cache). Anything else may change the world (order_send,
-        cache put, execute), and so does any op carrying SQL: the server cannot tell a
-        SELECT from a DELETE. Unknown actors and ops run nothing: they are answered with
-        INVALID_REQUEST either way."""
+        """``actor.call`` is a read when the actor declares the operation a read
+        (``OpSpec.read``: symbol_info_tick, fetch, cache get, ...). Anything else may change
+        the world (order_send, cache put, execute) and needs the token. A ``fetch`` is
+        declared a read; the SQL is the caller's responsibility, and unauthenticated reads
+        are open only on loopback and only while ``control.open_reads`` is true. Unknown
+        actors and ops run nothing: they are answered with INVALID_REQUEST either way."""
         child = self.rt.supervisor.children.get(params["actor"])
         if child is None:
             return False
         op = child.actor.ops.get(params["op"])
         if op is None:
             return False
-        return not op.cacheable or "sql" in (params["args"] or {})
+        return not op.read
 
     # ------------------------------------------------------------------ requests
     def _deadline(self, spec: MethodSpec, params: dict[str, Any]) -> float:
@@ -552,11 +572,8 @@ class Connection:
 
     async def _call(self, params: dict[str, Any]) -> Any:
         actor, op = params["actor"], params["op"]
-        started = trio.current_time()
         response = await self.rt.call(actor, op, params["args"] or {},
                                       timeout_s=params["timeout_s"])
-        self.server.metrics.observe_call(actor, response.status,
-                                         trio.current_time() - started)
         return response.to_json()
 
     async def _restart(self, params: dict[str, Any]) -> Any:
@@ -581,7 +598,10 @@ class Connection:
         try:
             await self.rt.inject(params["fault"], **kwargs)
         except (ValueError, TypeError) as exc:
-            raise RpcError(INVALID_PARAMS, f"sim.inject: {describe(exc)}") from None
+            message = describe(exc)
+            if not message.startswith("sim.inject"):
+                message = f"sim.inject: {message}"
+            raise RpcError(INVALID_PARAMS, message) from None
         return {"ok": True}
 
     async def _shutdown(self, params: dict[str, Any]) -> Any:

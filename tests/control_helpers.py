@@ -1,0 +1,173 @@
+"""Helpers for the control-channel, health and CLI tests: an in-process runtime with real
+sockets, and a blocking WebSocket client (``websockets.sync``) to drive it from a thread."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+import websockets.sync.client as ws_client
+from websockets.exceptions import ConnectionClosed
+
+from supervision.config import RuntimeConfig
+from supervision.messages import Notice
+from supervision.runtime import Runtime, open_runtime
+from supervision.supervisor import ChildSpec
+
+TOKEN = "test-token-6f1c"
+T = TypeVar("T")
+
+
+def runtime_config(tmp_path: Path, *, token: str | None = TOKEN,
+                   **sections: dict[str, Any]) -> RuntimeConfig:
+    raw: dict[str, dict[str, Any]] = {
+        "runtime": {"state_dir": str(tmp_path / "var"), "fsync": "never"},
+        "mt5": {"enabled": False},
+        "questdb": {"enabled": False},
+        "control": {"port": 0},
+        "health": {"port": 0},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    env = {"MT5SUP_TOKEN": token} if token is not None else {}
+    return RuntimeConfig.from_mapping(raw, source="test", env=env)
+
+
+@contextlib.asynccontextmanager
+async def running(tmp_path: Path, *, token: str | None = TOKEN,
+                  children: Iterable[ChildSpec] = (), **sections: dict[str, Any]
+                  ) -> AsyncIterator[Runtime]:
+    config = runtime_config(tmp_path, token=token, **sections)
+    async with open_runtime(config, children=children) as rt:
+        yield rt
+
+
+def control_url(rt: Runtime) -> str:
+    host, port = rt.endpoints["control"]
+    return f"ws://{host}:{port}/"
+
+
+def health_base(rt: Runtime) -> str:
+    host, port = rt.endpoints["health"]
+    return f"http://{host}:{port}"
+
+
+async def in_thread(fn: Callable[[], T]) -> T:
+    return await trio.to_thread.run_sync(fn)
+
+
+async def emit_events(rt: Runtime, count: int, *, actor: str = "test", pad: int = 0) -> None:
+    """Publish ``count`` synthetic events (an actor name the supervisor does not own)."""
+    for i in range(count):
+        data: dict[str, Any] = {"i": i}
+        if pad:
+            data["pad"] = "x" * pad
+        await rt.supervisor.emit(Notice(actor, "probe_failed", trio.current_time(), data=data))
+
+
+async def eventually(predicate: Callable[[], bool], within_s: float = 5.0) -> None:
+    """Poll state that offers no ``trio.Event`` to wait on (views, counters)."""
+    with trio.fail_after(within_s):
+        while not predicate():  # noqa: ASYNC110 - nothing to wait on but the state itself
+            await trio.sleep(0.005)
+
+
+async def wait_head(rt: Runtime, seq: int) -> None:
+    await eventually(lambda: rt.events.head_seq >= seq)
+
+
+class Client:
+    """A blocking JSON-RPC client; every method runs in a worker thread (``in_thread``)."""
+
+    def __init__(self, url: str, *, token: str | None = None, rcvbuf: int | None = None,
+                 max_queue: int | None = 16) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        sock = None
+        if rcvbuf is not None:  # a tiny receive window makes a non-reading client stall fast
+            host, port = url.removeprefix("ws://").rstrip("/").rsplit(":", 1)
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.connect((host, int(port)))
+        self._cm = ws_client.connect(url, additional_headers=headers, sock=sock,
+                                     max_queue=max_queue, open_timeout=5, close_timeout=0.5,
+                                     max_size=16 * 1024 * 1024)
+        self.ws = self._cm.__enter__()
+        self._next_id = 0
+        self.notifications: list[dict[str, Any]] = []
+
+    def close(self) -> None:
+        self._cm.__exit__(None, None, None)
+
+    def send(self, obj: Any) -> None:
+        self.ws.send(obj if isinstance(obj, str | bytes) else json.dumps(obj))
+
+    def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+        return json.loads(self.ws.recv(timeout=timeout))
+
+    def request(self, method: str, params: dict[str, Any] | None = None, *,
+                timeout: float = 5.0) -> dict[str, Any]:
+        """Send one request; return its reply (result or error), keeping notifications."""
+        self._next_id += 1
+        message: dict[str, Any] = {"jsonrpc": "2.0", "id": self._next_id, "method": method}
+        if params is not None:
+            message["params"] = params
+        self.send(message)
+        return self.reply_to(self._next_id, timeout=timeout)
+
+    def reply_to(self, request_id: Any, timeout: float = 5.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            message = self.recv(timeout=max(0.01, deadline - time.monotonic()))
+            if "id" not in message:
+                self.notifications.append(message)
+                continue
+            if message["id"] == request_id:
+                return message
+
+    def result(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        reply = self.request(method, params)
+        assert "result" in reply, reply
+        return reply["result"]
+
+    def error(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        reply = self.request(method, params)
+        assert "error" in reply, reply
+        return reply["error"]
+
+    def notification(self, timeout: float = 5.0) -> dict[str, Any]:
+        if self.notifications:
+            return self.notifications.pop(0)
+        while True:
+            message = self.recv(timeout=timeout)
+            if "id" not in message:
+                return message
+
+    def events_until_live(self, subscription: str, timeout: float = 5.0
+                          ) -> list[dict[str, Any]]:
+        """Notifications of one subscription up to its ``events.live`` marker."""
+        seen = []
+        while True:
+            message = self.notification(timeout)
+            if message["params"].get("subscription") != subscription:
+                continue
+            if message["method"] == "events.live":
+                return seen
+            seen.append(message)
+
+    def closed_code(self, timeout: float = 5.0) -> int | None:
+        """Read until the server closes the connection; return the close code."""
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                self.ws.recv(timeout=max(0.01, deadline - time.monotonic()))
+        except ConnectionClosed as exc:
+            return exc.rcvd.code if exc.rcvd is not None else None
+        except TimeoutError:
+            pass
+        raise AssertionError("the server did not close the connection")

@@ -114,6 +114,53 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only this actor's events (repeatable)")
     events.add_argument("--kind", action="append", metavar="KIND",
                         help="only events of this kind, e.g. state_changed (repeatable)")
+
+    call = commands.add_parser(
+        "call", help="call an actor operation and print the Response",
+        description="Call one operation of one actor (JSON-RPC actor.call) and print the\n"
+                    "Response: status ok / degraded (with cached_at) / error. Reads are open\n"
+                    "on loopback; writes (order_send, execute, ...) need the token.",
+        epilog="examples:\n  mt5-supervisor call mt5 symbol_info_tick '{\"symbol\": \"EURUSD\"}'\n"
+               "  mt5-supervisor call questdb fetch '{\"sql\": \"SELECT 1 AS one\"}'\n"
+               "  mt5-supervisor call cache stats",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    client_options(call)
+    call.add_argument("actor", help="mt5, questdb, cache or a bot's actor")
+    call.add_argument("op", help="the operation, e.g. symbol_info_tick or fetch")
+    call.add_argument("args", nargs="?", default="{}",
+                      help="the operation's parameters by name, as a JSON object")
+    call.add_argument("--call-timeout", type=float, metavar="SECONDS",
+                      help="the call's deadline inside the runtime (default: its "
+                           "call_timeout_s)")
+
+    inject = commands.add_parser(
+        "inject", help="inject a simulator or test-server fault (needs the token)",
+        description="Inject a fault (JSON-RPC sim.inject). MT5 simulator faults:\n"
+                    "  terminal_crash, ipc_timeout, hang, broker_disconnect, auth_failure,\n"
+                    "  autotrading_off, market_retcode (--param retcode=10018), slow\n"
+                    "  (--param delay_s=2), lost_reply, clear.\n"
+                    "Embedded database (--actor questdb): db_stop, db_kill, db_start, clear.",
+        epilog="examples:\n  mt5-supervisor inject terminal_crash --duration 20\n"
+               "  mt5-supervisor inject db_stop --actor questdb --duration 40\n"
+               "  mt5-supervisor inject clear",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    client_options(inject)
+    inject.add_argument("fault")
+    inject.add_argument("--actor", default="mt5", help="mt5 (default) or questdb")
+    inject.add_argument("--duration", type=float, metavar="SECONDS",
+                        help="heal by itself after this long (default: until clear)")
+    inject.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="a fault parameter, value parsed as JSON when it parses "
+                             "(repeatable)")
+
+    restart = commands.add_parser(
+        "restart", help="restart an actor with a fresh budget (needs the token)",
+        description="Operator restart (JSON-RPC actor.restart): release the resource and\n"
+                    "attempt to connect at once, with a fresh restart budget.",
+        epilog="example:\n  mt5-supervisor restart mt5",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    client_options(restart)
+    restart.add_argument("actor")
     return parser
 
 
@@ -127,10 +174,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_run(args)
     if getattr(args, "since", None) is not None and args.since < 0:
         parser.error("--since must be >= 0")
+    commands = {"status": cmd_status, "events": cmd_events, "call": cmd_call,
+                "inject": cmd_inject, "restart": cmd_restart}
     try:
-        if args.command == "status":
-            return trio.run(cmd_status, args)
-        return trio.run(cmd_events, args)
+        if args.command in ("call", "inject"):
+            _check_json_arguments(parser, args)
+        return trio.run(commands[args.command], args)
     except CannotConnect as exc:
         print(f"mt5-supervisor: {exc}", file=sys.stderr)
         return EXIT_CONNECT
@@ -388,3 +437,66 @@ async def cmd_events(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+# ---------------------------------------------------------------------------- levers
+def _json_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _check_json_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.command == "call":
+        try:
+            value = json.loads(args.args)
+        except json.JSONDecodeError as exc:
+            parser.error(f"args must be a JSON object: {exc}")
+        if not isinstance(value, dict):
+            parser.error("args must be a JSON object, e.g. '{\"symbol\": \"EURUSD\"}'")
+        args.args = value
+    else:
+        params = {}
+        for item in args.param:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                parser.error(f"--param takes KEY=VALUE, got {item!r}")
+            params[key] = _json_value(value)
+        args.param = params
+
+
+async def cmd_call(args: argparse.Namespace) -> int:
+    async def body(client: ControlClient) -> int:
+        params: dict[str, Any] = {"actor": args.actor, "op": args.op, "args": args.args}
+        if args.call_timeout is not None:
+            params["timeout_s"] = args.call_timeout
+        response = await client.call("actor.call", params)
+        print(json.dumps(response, indent=None if args.json else 2))
+        return EXIT_OK if response.get("status") in ("ok", "degraded") else EXIT_CONNECT
+
+    return await _with_client(args, body)
+
+
+async def cmd_inject(args: argparse.Namespace) -> int:
+    async def body(client: ControlClient) -> int:
+        params: dict[str, Any] = {"fault": args.fault, "actor": args.actor}
+        if args.duration is not None:
+            params["duration_s"] = args.duration
+        if args.param:
+            params["params"] = args.param
+        await client.call("sim.inject", params)
+        print(f"injected {args.fault} into {args.actor}"
+              + (f" for {args.duration:g} s" if args.duration is not None else ""))
+        return EXIT_OK
+
+    return await _with_client(args, body)
+
+
+async def cmd_restart(args: argparse.Namespace) -> int:
+    async def body(client: ControlClient) -> int:
+        await client.call("actor.restart", {"actor": args.actor})
+        print(f"restarting {args.actor}")
+        return EXIT_OK
+
+    return await _with_client(args, body)

@@ -184,6 +184,8 @@ async def open_runtime(
                     await _start_questdb(rt)
                 if config["mt5"]["enabled"]:
                     await _start_mt5(rt)
+                if config["questdb"]["enabled"] and config["questdb"]["persist_events"]:
+                    await _start_event_store(rt)
                 for spec in children:
                     await sup.start_child(spec)
                 if config["control"]["enabled"]:
@@ -219,7 +221,6 @@ async def _close(rt: Runtime) -> None:
 
 async def _start_questdb(rt: Runtime) -> None:
     from actors.questdb.actor import QuestdbActor, QuestdbRef
-    from actors.questdb.persistence import EventStoreActor
 
     config = rt.config
     q = config["questdb"]
@@ -229,14 +230,19 @@ async def _start_questdb(rt: Runtime) -> None:
     await rt.supervisor.start_child(ChildSpec(
         "questdb", lambda: QuestdbActor(dsn, config), settings=config.actor_settings("questdb"),
         ref_class=QuestdbRef))
-    if q["persist_events"]:
-        await rt.supervisor.start_child(ChildSpec(
-            "events_store",
-            lambda: EventStoreActor(rt.supervisor.bus, rt.supervisor.log, rt.questdb,
-                                    batch_size=q["persist_batch_size"]),
-            settings=ActorSettings(health_interval_s=q["health_interval_s"],
-                                   shutdown_timeout_s=q["shutdown_timeout_s"]),
-        ))
+
+
+async def _start_event_store(rt: Runtime) -> None:
+    from actors.questdb.persistence import EventStoreActor
+
+    q = rt.config["questdb"]
+    await rt.supervisor.start_child(ChildSpec(
+        "events_store",
+        lambda: EventStoreActor(rt.supervisor.bus, rt.supervisor.log, rt.questdb,
+                                batch_size=q["persist_batch_size"]),
+        settings=ActorSettings(health_interval_s=q["health_interval_s"],
+                               shutdown_timeout_s=q["shutdown_timeout_s"]),
+    ))
 
 
 async def _start_embedded_db(rt: Runtime) -> str:

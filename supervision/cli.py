@@ -435,8 +435,6 @@ async def cmd_events(args: argparse.Namespace) -> int:
     return await _with_client(args, body)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
 
 
 # ---------------------------------------------------------------------------- levers
@@ -500,3 +498,7 @@ async def cmd_restart(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return await _with_client(args, body)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

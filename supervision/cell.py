@@ -321,7 +321,7 @@ class ActorCell:
         reply = Reply()
         with trio.move_on_at(deadline):
             await self._mail_send.send(Request(op, args, deadline, session, reply))
-            return await reply.wait()
+            return await reply.wait(checkpointed=True)
         failure = self.actor.deadline_failure(op, timeout_s)
         if failure.connection:
             self._breaker_result(None, ok=False)

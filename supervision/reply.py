@@ -38,9 +38,12 @@ class Reply:
     def set_error(self, exc: BaseException) -> None:
         self.set(outcome.Error(exc))
 
-    async def wait(self) -> Any:
+    async def wait(self, *, checkpointed: bool = False) -> Any:
+        """The outcome. ``checkpointed``: the caller has just passed a checkpoint (it sent
+        the request), so an outcome already there is returned without another one."""
         if self._outcome is not None:
-            await trio.lowlevel.checkpoint()
+            if not checkpointed:
+                await trio.lowlevel.checkpoint()
             return self._outcome.unwrap()
         self._task = trio.lowlevel.current_task()
 

@@ -29,10 +29,10 @@ class BackoffPolicy:
         if attempt < 1:
             raise ValueError(f"attempts are numbered from 1, got {attempt}")
         delay = self.base_s * self.factor ** (attempt - 1)
-        if self.cap_s is not None:
-            delay = min(delay, self.cap_s)
         if self.jitter:
             delay *= 1.0 + self.jitter * (2.0 * rand - 1.0)
+        if self.cap_s is not None:  # after jitter: the cap is a hard bound
+            delay = min(delay, self.cap_s)
         return delay
 
     def schedule(self) -> tuple[float, ...]:

@@ -72,6 +72,8 @@ class Breaker:
     opened_at: float | None = None
     generation: int = 0
     probes: tuple[float, ...] = ()  # admission times of half-open probes still out
+    _closed_admission: Admission | None = attrs.field(default=None, init=False, eq=False,
+                                                      repr=False)
 
     # -- internal -------------------------------------------------------------------------
     def _to(self, state: BreakerState, now: float, **changes: object) -> tuple[Breaker, Transition]:
@@ -86,6 +88,14 @@ class Breaker:
 
     # -- public ---------------------------------------------------------------------------
     def admit(self, now: float) -> Admission:
+        if self.state is BreakerState.CLOSED:
+            # The hot path: a CLOSED breaker admits everything with the same ticket, so the
+            # answer is built once per breaker value (breakers are immutable).
+            cached = self._closed_admission
+            if cached is None:
+                cached = Admission(self, Ticket(self.generation, probe=False), None, ())
+                object.__setattr__(self, "_closed_admission", cached)
+            return cached
         b, transitions = self, []
         if b.state is BreakerState.HALF_OPEN:
             live = tuple(t for t in b.probes if now - t < b.config.probe_timeout_s)

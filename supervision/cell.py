@@ -124,6 +124,8 @@ class ActorCell:
         self.restarts = 0
         self._session = 0
         self._failed_session = -1  # a session a call has reported dead, not yet processed
+        self._running: Request | None = None  # the serial mailbox's request in progress
+        self._serial_scope: trio.CancelScope | None = None
         self._stopped = False
         self._state_changed = trio.Event()
         self._waiters = 0
@@ -319,9 +321,11 @@ class ActorCell:
     async def _request(self, op: str, args: Mapping[str, Any], deadline: float,
                        session: int, timeout_s: float) -> Any:
         reply = Reply()
+        request = Request(op, args, deadline, session, reply)
         with trio.move_on_at(deadline):
-            await self._mail_send.send(Request(op, args, deadline, session, reply))
+            await self._mail_send.send(request)
             return await reply.wait(checkpointed=True)
+        self._cut_off(request)
         failure = self.actor.deadline_failure(op, timeout_s)
         if failure.connection:
             self._breaker_result(None, ok=False)
@@ -336,14 +340,45 @@ class ActorCell:
             deadline=True)
 
     async def _mailbox_loop(self) -> None:
-        limiter = trio.CapacityLimiter(max(1, self.actor.concurrency))
+        if self.actor.concurrency <= 1:
+            await self._serial_mailbox_loop()
+            return
+        limiter = trio.CapacityLimiter(self.actor.concurrency)
         async with trio.open_nursery() as nursery:
             async for request in self._mail_recv:
-                if self.actor.concurrency <= 1:
-                    await self._execute(request)
-                else:
-                    await limiter.acquire_on_behalf_of(request)
-                    nursery.start_soon(self._execute_limited, request, limiter)
+                await limiter.acquire_on_behalf_of(request)
+                nursery.start_soon(self._execute_limited, request, limiter)
+
+    async def _serial_mailbox_loop(self) -> None:
+        """Requests one at a time. No per-request deadline scope here: entering a cancel
+        scope (or moving its deadline) is a large share of a round trip's cost. Instead the
+        caller, whose own deadline bounds every call, cancels the handler when that
+        deadline passes while its request is still running (``_cut_off``). The scope is
+        then spent, and the loop continues in a fresh one."""
+        while True:
+            with trio.CancelScope() as scope:
+                self._serial_scope = scope
+                while True:
+                    try:
+                        request = await self._mail_recv.receive()
+                    except trio.EndOfChannel:
+                        return
+                    if not self._ready(request):
+                        continue
+                    self._running = request
+                    await self._handle(request)
+                    self._running = None
+            self._running = None  # cut off: that caller has answered itself (TIMEOUT)
+
+    def _cut_off(self, request: Request) -> None:
+        """A caller's deadline passed: stop the serial handler if it is still running that
+        request, or any request already past its own deadline (its caller may have been
+        cancelled for another reason and not cut it off)."""
+        running, scope = self._running, self._serial_scope
+        if running is None or scope is None:
+            return
+        if running is request or running.deadline <= trio.current_time():
+            scope.cancel()
 
     async def _execute_limited(self, request: Request, limiter: trio.CapacityLimiter) -> None:
         try:
@@ -351,21 +386,30 @@ class ActorCell:
         finally:
             limiter.release_on_behalf_of(request)
 
-    async def _execute(self, request: Request) -> None:
-        reply = request.reply
-        if reply.abandoned:
-            return
+    def _ready(self, request: Request) -> bool:
+        """Should this request run? A caller that gave up is skipped; one admitted to a
+        session that has since ended is sent back to the gate."""
+        if request.reply.abandoned:
+            return False
         if request.session != self._session or self.status.state is not S.CONNECTED:
-            reply.set_error(_NotRun())
+            request.reply.set_error(_NotRun())
+            return False
+        return True
+
+    async def _handle(self, request: Request) -> None:
+        try:
+            value = await self.actor.handle(request.op, request.args)
+        except Exception as exc:
+            log.debug("%s.%s raised", self.name, request.op, exc_info=True)
+            request.reply.set_error(ActorFailure(self.actor.classify(exc, request.op)))
+        else:
+            request.reply.set(outcome.Value(value))
+
+    async def _execute(self, request: Request) -> None:
+        if not self._ready(request):
             return
         with trio.move_on_at(request.deadline):
-            try:
-                value = await self.actor.handle(request.op, request.args)
-            except Exception as exc:
-                log.debug("%s.%s raised", self.name, request.op, exc_info=True)
-                reply.set_error(ActorFailure(self.actor.classify(exc, request.op)))
-            else:
-                reply.set(outcome.Value(value))
+            await self._handle(request)
         # Past the deadline the caller has already answered itself (TIMEOUT).
 
     # ------------------------------------------------------------------ driver
@@ -377,7 +421,14 @@ class ActorCell:
             async with self.actor.lifetime(), trio.open_nursery() as nursery:
                 nursery.start_soon(self._mailbox_loop)
                 nursery.start_soon(self._notice_pump)
-                await self._drive(task_status)
+                try:
+                    await self._drive(task_status)
+                except BaseException:
+                    # A crash (or a cancellation) mid-flight: still let go of the resource,
+                    # inside lifetime() where the actor can reach it.
+                    if self.status.state is not S.DISCONNECTED:
+                        await self._release()
+                    raise
                 await self._flush_notices()
                 nursery.cancel_scope.cancel()
         finally:

@@ -58,41 +58,43 @@ class ActorRef:
 
     async def call(self, op: str, args: Mapping[str, Any] | None = None, *,
                    timeout_s: float | None = None) -> Response:
-        started = trio.current_time()
-        response = await self._call(op, args, timeout_s)
+        cell = self._child.cell
+        args = args or {}
+        now = trio.current_time()
+        timeout = cell.settings.call_timeout_s if timeout_s is None else timeout_s
+        if not timeout > 0:
+            return self._observed(op, now, Response.failure(ErrorInfo(
+                ErrorCode.INVALID_REQUEST, f"{op} failed: timeout_s must be > 0",
+                self.name, str(cell.state))))
+        spec = cell.actor.ops.get(op)
+        remember = spec is not None and spec.cacheable and self._lkg is not None
+        try:
+            value = await cell.call(op, args, now + timeout)
+        except CallRejected as rejected:
+            info = rejected.info
+            reason = rejected.reason
+        else:
+            if remember:
+                self._lkg.remember(cache_key(self.name, op, args), value,  # type: ignore[union-attr]
+                                   trio.current_time())
+            response = Response(status="ok", data=value)
+            return self._observed(op, now, response) if self._observers else response
+        if remember:
+            later = trio.current_time()
+            hit = self._lkg.recall(cache_key(self.name, op, args), later)  # type: ignore[union-attr]
+            if hit is not None:
+                value, fetched_at = hit
+                cell._notice_nowait(Notice(
+                    self.name, str(EventKind.DEGRADED_SERVED), later,
+                    error=info, data={"op": op, "age_s": round(later - fetched_at, 6)}))
+                return self._observed(op, now, Response.degraded(
+                    value, self._wallclock.wall(fetched_at), info))
+        return self._observed(op, now, Response.failure(info, reason))
+
+    def _observed(self, op: str, started: float, response: Response) -> Response:
+        """Tell the call observers (metrics) how the call went."""
         if self._observers:
             elapsed = trio.current_time() - started
             for observe in self._observers:
                 observe(self.name, op, response.status, elapsed)
         return response
-
-    async def _call(self, op: str, args: Mapping[str, Any] | None,
-                    timeout_s: float | None) -> Response:
-        cell = self._child.cell
-        args = args or {}
-        timeout = cell.settings.call_timeout_s if timeout_s is None else timeout_s
-        if not timeout > 0:
-            return Response.failure(ErrorInfo(ErrorCode.INVALID_REQUEST,
-                                              f"{op} failed: timeout_s must be > 0",
-                                              self.name, str(cell.state)))
-        deadline = trio.current_time() + timeout
-        spec = cell.actor.ops.get(op)
-        try:
-            value = await cell.call(op, args, deadline)
-        except CallRejected as rejected:
-            info = rejected.info
-            reason = rejected.reason
-        else:
-            if spec is not None and spec.cacheable and self._lkg is not None:
-                self._lkg.remember(cache_key(self.name, op, args), value, trio.current_time())
-            return Response.success(value)
-        if spec is not None and spec.cacheable and self._lkg is not None:
-            now = trio.current_time()
-            hit = self._lkg.recall(cache_key(self.name, op, args), now)
-            if hit is not None:
-                value, fetched_at = hit
-                cell._notice_nowait(Notice(
-                    self.name, str(EventKind.DEGRADED_SERVED), now,
-                    error=info, data={"op": op, "age_s": round(now - fetched_at, 6)}))
-                return Response.degraded(value, self._wallclock.wall(fetched_at), info)
-        return Response.failure(info, reason)

@@ -195,7 +195,19 @@ class Supervisor:
         return child.ref
 
     async def restart_child(self, name: str, reason: str = "operator") -> None:
-        await self.children[name].cell.restart(reason)
+        """Operator restart: a running child reconnects with a fresh budget; a child that
+        has stopped (a temporary or transient child that exited, or after ``stop_child``)
+        is started again."""
+        child = self.children[name]
+        if not child.done.is_set():
+            await child.cell.restart(reason)
+            return
+        if self._children_nursery is None or self._stopping:
+            raise RuntimeError("the supervisor is not running")
+        child.cell = self._new_cell(child.spec, child.actor)
+        child.scope = trio.CancelScope()
+        child.done = trio.Event()
+        await self._children_nursery.start(self._child_main, child)
 
     async def stop_child(self, name: str) -> None:
         child = self.children[name]
@@ -204,9 +216,11 @@ class Supervisor:
     def _new_child(self, spec: ChildSpec) -> Child:
         actor = spec.factory()
         actor.name = spec.name
-        cell = ActorCell(actor, spec.settings, self.emit, restart=spec.restart,
+        return Child(spec, actor, self._new_cell(spec, actor))
+
+    def _new_cell(self, spec: ChildSpec, actor: Actor) -> ActorCell:
+        return ActorCell(actor, spec.settings, self.emit, restart=spec.restart,
                          on_escalate=self._escalate_hook(spec), probe=spec.probe)
-        return Child(spec, actor, cell)
 
     def _escalate_hook(self, spec: ChildSpec) -> EscalateHook | None:
         hooks = [h for h in (spec.on_escalate, self.on_escalate) if h is not None]
@@ -256,10 +270,7 @@ class Supervisor:
                         if self._stopping or child.spec.restart == "temporary":
                             return
                         await trio.sleep(interval)
-                        child.cell = ActorCell(
-                            child.actor, child.spec.settings, self.emit,
-                            restart=child.spec.restart,
-                            on_escalate=self._escalate_hook(child.spec), probe=child.spec.probe)
+                        child.cell = self._new_cell(child.spec, child.actor)
         finally:
             mark_started()
             child.done.set()

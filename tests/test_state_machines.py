@@ -67,16 +67,18 @@ def test_backoff_jitter_within_bounds_and_deterministic(base, factor, jitter, ca
     policy = BackoffPolicy(base_s=base, factor=factor, max_attempts=10, jitter=jitter,
                            cap_s=cap)
     plain = base * factor ** (attempt - 1)
-    if cap is not None:
-        plain = min(plain, cap)
     delay = policy.delay(attempt, rand)
     assert delay == policy.delay(attempt, rand)  # same draw, same delay
     lo, hi = plain * (1 - jitter), plain * (1 + jitter)
-    assert lo - 1e-9 <= delay <= hi + 1e-9
+    capped = (lambda d: d) if cap is None else (lambda d: min(d, cap))
+    assert capped(lo) - 1e-9 <= delay <= capped(hi) + 1e-9
     assert delay >= 0
+    if cap is not None:
+        assert delay <= cap  # the cap is a hard bound, jitter included
     # The draw maps monotonically onto the interval: 0 -> low end, 0.5 -> the plain delay.
-    assert math.isclose(policy.delay(attempt, 0.5), plain, rel_tol=1e-12, abs_tol=1e-12)
-    assert math.isclose(policy.delay(attempt, 0.0), lo, rel_tol=1e-12, abs_tol=1e-12)
+    assert math.isclose(policy.delay(attempt, 0.5), capped(plain), rel_tol=1e-12,
+                        abs_tol=1e-12)
+    assert math.isclose(policy.delay(attempt, 0.0), capped(lo), rel_tol=1e-12, abs_tol=1e-12)
 
 
 # ---------------------------------------------------------------------------------- budget

@@ -69,17 +69,28 @@ def _delay_of(backend: Backend, name: str) -> Any:
 
 
 class InlineWorker:
-    """Runs simulator calls on the trio thread; delays and hangs are trio waits."""
+    """Runs simulator calls on the trio thread; delays and hangs are trio waits.
+
+    Calls run one at a time in arrival order, like the thread's queue: a call that arrives
+    while another runs (the health probe during a slow request) waits its turn."""
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.wedged = False
         self._retired = False
+        self._lock = trio.Lock()  # FIFO
 
     async def call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
                    ) -> CallResult:
-        if self.wedged or self._retired:
-            raise WorkerLost(f"{name}: the terminal worker is no longer usable")
+        # ``wedged`` also marks the call in progress: check it only once it is our turn.
+        # Acquiring the lock is this call's checkpoint.
+        async with self._lock:
+            return await self._call_locked(name, args, kwargs)
+
+    async def _call_locked(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+                           ) -> CallResult:
+        if self.wedged or self._retired:  # the call before this one was abandoned
+            raise WorkerLost("the terminal worker is no longer usable")
         self.wedged = True  # until this call completes: a cancellation leaves it wedged
         delay = _delay_of(self.backend, name)
         if delay is not None:
@@ -90,10 +101,8 @@ class InlineWorker:
                 token = trio.lowlevel.current_trio_token()
                 delay.hang.add_listener(lambda: token.run_sync_soon(released.set))
                 await released.wait()
-        else:
-            await trio.lowlevel.checkpoint()
         if self._retired:
-            raise WorkerLost(f"{name}: the terminal worker was retired")
+            raise WorkerLost("the terminal worker was retired")
         result = getattr(self.backend, name)(*args, **kwargs)
         error = self.backend.last_error()
         self.wedged = False
@@ -138,9 +147,11 @@ class ThreadWorker:
             job = self._jobs.get()
             if job is _STOP:
                 return
+            # Started before the abandoned check: an abort that comes between them sees
+            # ``started`` and wedges the worker, so a job can never hang unnoticed.
+            job.started = True
             if job.abandoned:
                 continue
-            job.started = True
             delay = _delay_of(self.backend, job.name)
             if delay is not None:
                 if delay.seconds:
@@ -165,7 +176,7 @@ class ThreadWorker:
     async def call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
                    ) -> CallResult:
         if self.wedged or self._retired:
-            raise WorkerLost(f"{name}: the terminal worker is no longer usable")
+            raise WorkerLost("the terminal worker is no longer usable")
         task = trio.lowlevel.current_task()
         box: list[outcome.Outcome] = []
 

@@ -595,9 +595,8 @@ class ActorCell:
                 await self.actor.connect()
             except Exception as exc:
                 failure = attrs.evolve(self.actor.classify(exc, what), connection=True)
-        if scope.cancelled_caught:
-            failure = Failure(ErrorCode.TIMEOUT,
-                              f"{what} failed: no answer within {timeout:g} s", connection=True)
+        if scope.cancelled_caught:  # what a hang means is the actor's to say
+            failure = attrs.evolve(self.actor.deadline_failure(what, timeout), connection=True)
         if failure is None:
             if what != "probe":
                 self._observe(ok=True)

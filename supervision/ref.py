@@ -35,9 +35,16 @@ class LastKnownGood(Protocol):
         ...
 
 
-def cache_key(actor: str, op: str, args: Mapping[str, Any]) -> str:
-    return f"{actor}:{op}:" + json.dumps(args, sort_keys=True, default=repr,
-                                        separators=(",", ":"))
+def cache_key(actor: str, op: str, args: Mapping[str, Any]) -> Hashable:
+    """One key per (actor, op, arguments). Flat arguments (the common case: a symbol, a
+    key) make a tuple, which is cheap; nested ones (an order request) go through JSON."""
+    try:
+        key = (actor, op, tuple(sorted(args.items())))
+        hash(key)
+        return key
+    except TypeError:
+        return f"{actor}:{op}:" + json.dumps(args, sort_keys=True, default=repr,
+                                            separators=(",", ":"))
 
 
 CallObserver = Callable[[str, str, str, float], None]  # actor, op, status, seconds

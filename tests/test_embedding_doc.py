@@ -5,6 +5,8 @@ QuestDB store), adds its own actor, and halts orders while the terminal is escal
 Real time with short timings: the embedded database runs real threads and sockets.
 """
 
+# Polling with short sleeps is deliberate here: the doc's bot exposes plain attributes.
+# ruff: noqa: ASYNC110
 from __future__ import annotations
 
 import re
@@ -43,6 +45,16 @@ async def test_embedding_example_halts_orders_while_mt5_is_escalated(tmp_path, p
     seen: dict[str, int] = {}
 
     async def scenario(rt, gate, strategy) -> None:
+        # Snapshot the order count at the very moment the gate re-opens (polling for it
+        # would race with the strategy's next order).
+        reopen = gate.resume
+
+        def resume_and_snapshot() -> None:
+            seen["sent_at_resume"] = strategy.orders_sent
+            seen["blocked"] = strategy.orders_blocked
+            reopen()
+
+        gate.resume = resume_and_snapshot
         with trio.fail_after(10):
             while strategy.orders_sent < 1:
                 await trio.sleep(0.05)
@@ -55,8 +67,6 @@ async def test_embedding_example_halts_orders_while_mt5_is_escalated(tmp_path, p
         with trio.fail_after(15):
             while not gate.open:
                 await trio.sleep(0.02)
-        seen["sent_at_resume"] = strategy.orders_sent
-        seen["blocked"] = strategy.orders_blocked
 
     gate, strategy = await example.run_bot(fast_config(tmp_path, pg_dsn), scenario)
     assert gate.halts == 1

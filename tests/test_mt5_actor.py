@@ -385,18 +385,18 @@ async def test_a_terminal_that_stays_hung_abandons_a_worker_per_attempt_and_esca
             "(failure_detected)",
             "+2 backoff_scheduled attempt=1 delay=1",
             # each attempt's initialize hangs until connect_timeout_s (10 s)
-            "+13 attempt_failed attempt=1 TIMEOUT",
+            "+13 attempt_failed attempt=1 MT5_IPC_TIMEOUT",
             "+13 backoff_scheduled attempt=2 delay=2",
-            "+25 attempt_failed attempt=2 TIMEOUT",
+            "+25 attempt_failed attempt=2 MT5_IPC_TIMEOUT",
             "+25 backoff_scheduled attempt=3 delay=4",
-            "+39 attempt_failed attempt=3 TIMEOUT",
-            "+39 state_changed RECONNECTING->ERROR delay=30 TIMEOUT (attempt 3 failed)",
-            "+39 escalated TIMEOUT",
+            "+39 attempt_failed attempt=3 MT5_IPC_TIMEOUT",
+            "+39 state_changed RECONNECTING->ERROR delay=30 MT5_IPC_TIMEOUT (attempt 3 failed)",
+            "+39 escalated MT5_IPC_TIMEOUT",
             "+69 state_changed ERROR->CONNECTED (probe ok)",
             "+69 recovered",
         ]
         assert t.event(t0, "attempt_failed").error["message"] == (
-            "reconnect failed: no answer within 10 s")
+            "reconnect failed: the terminal did not answer within 10 s")
         assert t.notices(t0) == ["+2 worker_abandoned", "+13 worker_abandoned",
                                  "+25 worker_abandoned", "+39 worker_abandoned"]
         assert t.actor.workers_started == 5

@@ -107,6 +107,9 @@ def classify_code(code: int, message: str, op: str) -> Failure:
         return Failure(ErrorCode.INVALID_REQUEST, text)
     if code == codes.RES_E_NOT_FOUND:
         return Failure(ErrorCode.NOT_FOUND, text)
+    if code == codes.RES_E_FAIL:
+        # "Call failed": the terminal refused this call (e.g. history not loaded), not a bug.
+        return Failure(ErrorCode.INVALID_REQUEST, text, reason="call_failed")
     return Failure(ErrorCode.INTERNAL, text)
 
 

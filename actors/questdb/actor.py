@@ -23,13 +23,13 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, ClassVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import asyncpg
 import trio
 import trio_asyncio
 
-from actors.questdb.dialect import POSTGRESQL, Dialect, detect_dialect
+from actors.questdb.dialect import EVENTS_COLUMNS, POSTGRESQL, Dialect, detect_dialect
 from actors.questdb.errors import classify_db_error
 from supervision.actor import READ, READ_UNCACHED, WRITE, Actor, OpSpec
 from supervision.errors import Failure, Response
@@ -38,17 +38,29 @@ from supervision.ref import ActorRef
 log = logging.getLogger("mt5_supervisor.questdb")
 
 QUESTDB_IDLE_CLOSE_S = 300.0
+_PAYLOAD = EVENTS_COLUMNS.index("payload")
 
 
 async def _no_reset(connection: Any) -> None:
     """QuestDB rejects asyncpg's default reset query; there is no session state to reset."""
 
 
-def _password_of(dsn: str) -> str | None:
+def _passwords_of(dsn: str) -> tuple[str, ...]:
+    """The DSN's password as written (percent-encoded) and as sent (decoded)."""
     try:
-        return urlsplit(dsn).password
+        password = urlsplit(dsn).password
     except ValueError:
-        return None
+        return ()
+    if not password:
+        return ()
+    return tuple(dict.fromkeys((password, unquote(password))))
+
+
+def _no_nul(value: Any) -> Any:
+    """PostgreSQL refuses NUL in text (``invalid byte sequence for encoding "UTF8": 0x00``):
+    one such character in an error message would stop persistence at that event for ever.
+    The payload column keeps the exact text (JSON escapes it as ``\\u0000``)."""
+    return value.replace("\x00", "\ufffd") if isinstance(value, str) else value
 
 
 def _sql_args(args: Mapping[str, Any]) -> tuple[str, list[Any]]:
@@ -83,7 +95,7 @@ class QuestdbActor(Actor):
             command_timeout_s, connect_timeout_s = q["command_timeout_s"], q["connect_timeout_s"]
         self.name = name
         self.dsn = dsn
-        self._secrets = tuple(s for s in (_password_of(dsn),) if s)
+        self._secrets = _passwords_of(dsn)
         self.pool_min_size = pool_min_size
         self.pool_max_size = max(1, pool_max_size)
         self.concurrency = self.pool_max_size
@@ -119,6 +131,9 @@ class QuestdbActor(Actor):
             pool.terminate()
 
     async def connect(self) -> None:
+        # The server may have lost the table while we were away (a fresh QuestDB, a restored
+        # backup): re-run the idempotent CREATE on the first persist after every connect.
+        self.events_table_ready = False
         if self.pool is None:
             self.pool = await trio_asyncio.aio_as_trio(asyncpg.create_pool)(
                 self.dsn,
@@ -152,11 +167,17 @@ class QuestdbActor(Actor):
 
     # ------------------------------------------------------------------ requests
     async def handle(self, op: str, args: Mapping[str, Any]) -> Any:
-        if op == "persist_events":
-            return await self._persist(args)
-        if op == "max_persisted_seq":
-            await self._ensure_events_table()
-            return await self._run(lambda p: p.fetchval(self.dialect.max_persisted_seq)) or 0
+        if op in ("persist_events", "max_persisted_seq"):
+            try:
+                if op == "persist_events":
+                    return await self._persist(args)
+                await self._ensure_events_table()
+                return await self._run(
+                    lambda p: p.fetchval(self.dialect.max_persisted_seq)) or 0
+            except Exception:
+                # e.g. the table was dropped behind our back: CREATE it again next time.
+                self.events_table_ready = False
+                raise
         sql, params = _sql_args(args)
         timeout = self.command_timeout_s
         try:
@@ -191,6 +212,9 @@ class QuestdbActor(Actor):
             raise TypeError("events must be a list of event objects")
         await self._ensure_events_table()
         rows = [self.dialect.event_row(e) for e in events]
+        # The JSON payload escapes a NUL anywhere in the event as \u0000: a cheap test per row.
+        rows = [tuple(_no_nul(v) for v in row) if "\\u0000" in row[_PAYLOAD] else row
+                for row in rows]
         if rows:
             sql = self.dialect.insert_events
             await self._run(lambda p: p.executemany(sql, rows, timeout=self.command_timeout_s))
@@ -202,6 +226,15 @@ class QuestdbActor(Actor):
 
             return Failure(ErrorCode.INVALID_REQUEST, operation_message(op, describe(exc)))
         return classify_db_error(exc, op, secrets=self._secrets)
+
+    def deadline_failure(self, op: str, timeout_s: float) -> Failure:
+        if op in ("connect", "reconnect", "probe"):
+            from supervision.errors import ErrorCode
+
+            return Failure(ErrorCode.DB_UNAVAILABLE,
+                           f"{op} failed: the database did not answer within {timeout_s:g} s",
+                           connection=True)
+        return super().deadline_failure(op, timeout_s)
 
     def status_extra(self) -> dict[str, Any]:
         pool = self.pool

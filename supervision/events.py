@@ -49,6 +49,7 @@ class Event:
     delay_s: float | None = None
     error: dict[str, str] | None = None
     data: dict[str, Any] | None = None
+    _line: str | None = attrs.field(default=None, init=False, eq=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -67,7 +68,13 @@ class Event:
         return out
 
     def to_line(self) -> str:
-        return json.dumps(self.to_json(), separators=(",", ":"), ensure_ascii=False)
+        """The compact JSON text, encoded once per event (the log, the control channel's
+        notifications and persistence all reuse it)."""
+        text = self._line
+        if text is None:
+            text = json.dumps(self.to_json(), separators=(",", ":"), ensure_ascii=False)
+            object.__setattr__(self, "_line", text)
+        return text
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Event:

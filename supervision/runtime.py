@@ -211,9 +211,12 @@ def _shutdown_bound(config: RuntimeConfig) -> float:
 
 
 async def _close(rt: Runtime) -> None:
-    for scope in reversed(rt._servers):
-        scope.cancel()
+    # Actors first, while the control channel is still up: subscribers see the final
+    # state changes, and the closing bus ends their subscriptions with events.closed.
     await rt.supervisor.shutdown()
+    await trio.sleep(0.05)  # let the forwarders queue their last notifications
+    for scope in reversed(rt._servers):
+        scope.cancel()  # each connection flushes its queue, then closes with 1001
     if rt.embedded_db is not None:
         db = rt.embedded_db
         await trio.to_thread.run_sync(db.close)

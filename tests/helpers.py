@@ -99,8 +99,8 @@ class Recorder:
     def of(self, actor: str, *kinds: str) -> list[Event]:
         return [e for e in self.events if e.actor == actor and (not kinds or e.kind in kinds)]
 
-    async def wait_for(self, predicate, timeout: float = 600.0) -> Event:  # type: ignore[no-untyped-def]
-        with trio.fail_after(timeout):
+    async def wait_for(self, predicate, within_s: float = 600.0) -> Event:  # type: ignore[no-untyped-def]
+        with trio.fail_after(within_s):
             while True:
                 for e in self.events:
                     if predicate(e):

@@ -749,10 +749,6 @@ def test_sigterm_exits_0_and_a_restart_continues_the_log(tmp_path: Path) -> None
         first.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: on shutdown the control server is cancelled before the event bus closes, so "
-    "the documented events.closed notification (docs/protocol.md) is never sent; "
-    "subscribers only see the 1001 close, and `mt5-supervisor events --follow` exits 1"))
 def test_subscribers_are_told_events_closed_when_the_runtime_stops(tmp_path: Path) -> None:
     rt = start_fresh(tmp_path, "closed")
     try:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import hmac
+import json
 import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping
@@ -532,6 +533,7 @@ class Connection:
         """Move one subscription's events into the outgoing queue. Blocking here when the
         queue is full is what makes a slow client overflow its own subscription."""
         sub = forwarding.sub
+        sub_json = json.dumps(sub_id)
         live_sent = False
         with forwarding.scope:
             while True:
@@ -557,8 +559,7 @@ class Connection:
                         "resume_after_seq": item.after_seq}))
                 else:
                     assert isinstance(item, Event)
-                    await self._send(notification_message(
-                        "events.event", {**item.to_json(), "subscription": sub_id}))
+                    await self._send(_event_notification(item, sub_json))
 
     async def _unsubscribe(self, params: dict[str, Any]) -> Any:
         sub_id = params["subscription"]
@@ -608,3 +609,11 @@ class Connection:
         log.warning("control: shutdown requested by a client")
         self.rt.request_shutdown()
         return {"ok": True}
+
+
+def _event_notification(event: Event, sub_json: str) -> str:
+    """``events.event`` with the event's params plus ``subscription``, spliced onto the
+    event's JSON text, which is encoded once for every subscriber (and the log)."""
+    line = event.to_line()  # '{...}': add the subscription before the closing brace
+    return ('{"jsonrpc":"2.0","method":"events.event","params":'
+            + line[:-1] + ',"subscription":' + sub_json + "}}")

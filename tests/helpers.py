@@ -99,8 +99,10 @@ class Recorder:
     def of(self, actor: str, *kinds: str) -> list[Event]:
         return [e for e in self.events if e.actor == actor and (not kinds or e.kind in kinds)]
 
-    async def wait_for(self, predicate, within_s: float = 600.0) -> Event:  # type: ignore[no-untyped-def]
-        with trio.fail_after(within_s):
+    async def wait_for(  # type: ignore[no-untyped-def]
+        self, predicate, timeout: float = 600.0  # noqa: ASYNC109 - a test helper's bound
+    ) -> Event:
+        with trio.fail_after(timeout):
             while True:
                 for e in self.events:
                     if predicate(e):

@@ -142,7 +142,9 @@ class EventBus:
         from the log first. Replay is bounded by the buffer: beyond it the subscriber gets a
         ``Missed`` notice and resumes in further steps. Synchronous (no checkpoint)."""
         head = self.head_seq
-        start = head if since_seq is None else max(0, min(since_seq, head))
+        # A since_seq beyond the head (a consumer that saw more than this log holds, e.g.
+        # after the log was replaced) delivers only events after it, never older ones.
+        start = head if since_seq is None else max(0, since_seq)
         sub = Subscription(self, buffer or self.default_buffer, event_filter, start)
         sub.head_seq = head
         if since_seq is not None and start < head and self._log is not None:

@@ -7,6 +7,7 @@ Exit codes: 0 ok; 2 usage or configuration error (the message names the key and 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
@@ -192,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # ---------------------------------------------------------------------------- run
 def cmd_run(args: argparse.Namespace) -> int:
+    config: RuntimeConfig | None = None
     try:
         config = RuntimeConfig.load(args.config)
         return trio.run(_run, config)
@@ -204,7 +206,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         os_error = _find(exc, OSError)
         if os_error is not None:
-            print(f"mt5-supervisor: {os_error}", file=sys.stderr)
+            detail = str(os_error)
+            if os_error.errno == errno.EADDRINUSE and config is not None:
+                c, h = config["control"], config["health"]
+                detail = (f"cannot listen: address already in use (control "
+                          f"{c['host']}:{c['port']}, health {h['host']}:{h['port']}); is "
+                          "another mt5-supervisor running? Change [control] port / "
+                          "[health] port or MT5SUP_CONTROL_PORT / MT5SUP_HEALTH_PORT")
+            print(f"mt5-supervisor: {detail}", file=sys.stderr)
             return EXIT_CONNECT
         raise
 

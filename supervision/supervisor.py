@@ -120,7 +120,6 @@ class Supervisor:
         self.events_total = 0
         # Called after every ActorRef call: (actor, op, status, seconds). For metrics.
         self.call_observers: list[CallObserver] = []
-        self._last_at = -float("inf")
 
     # ------------------------------------------------------------------ queries (no I/O)
     def state(self, name: str) -> ConnectionState:
@@ -325,10 +324,10 @@ class Supervisor:
     def _number(self, message: Message) -> Event:
         seq = self._next_seq
         self._next_seq += 1
-        # Messages queued by callers can be a little older than the one before them; keep
-        # ts non-decreasing in seq order, which consumers may rely on.
-        self._last_at = max(self._last_at, message.at)
-        ts = self.wallclock.wall(self._last_at)
+        # ts is when it happened. Notices queued from callers' tasks can be logged a moment
+        # after a later state change, so ts may step back slightly in seq order: seq is the
+        # order, ts the time (exact, so schedules can be read off the log).
+        ts = self.wallclock.wall(message.at)
         error = ({"code": str(message.error.code), "message": message.error.message}
                  if message.error is not None else None)
         if isinstance(message, StateChanged):

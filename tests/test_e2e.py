@@ -786,7 +786,7 @@ def test_a_busy_port_exits_1_and_stops_the_database(
         rt.start()
         assert rt.wait_exit(60) == 1, rt.output()
         # (The message names neither the port nor the server that could not listen.)
-        assert "Address already in use" in rt.stderr_path.read_text()
+        assert "address already in use" in rt.stderr_path.read_text()
         assert_postgres_gone(rt, [])
     finally:
         rt.close()

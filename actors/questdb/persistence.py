@@ -10,7 +10,10 @@ How nothing is lost and nothing doubled:
   from ``max(seq)`` and the table's key (``DEDUP UPSERT KEYS(ts, seq)`` on QuestDB, the
   primary key on PostgreSQL) drops the rows it already has.
 * While the database is down, writes fail; the actor waits and starts over from
-  ``max(seq)``. A subscription overflow is handled the same way.
+  ``max(seq)``. It waits ``retry_s`` doubling up to ``max_retry_s``, or until the ``questdb``
+  actor is CONNECTED again (a ``state_changed`` event on the bus), whichever comes first, so
+  the backlog is replayed as soon as the database is back. A subscription overflow is handled
+  the same way.
 """
 
 from __future__ import annotations
@@ -51,8 +54,18 @@ class EventStoreActor(Actor):
                 delay = self.retry_s
             else:
                 self.failures += 1
-                await trio.sleep(delay)
+                await self._wait_for_database(delay)
                 delay = min(delay * 2, self.max_retry_s)
+
+    async def _wait_for_database(self, delay: float) -> None:
+        """Sleep ``delay``, cut short when the questdb actor (re)connects. Subscribed right
+        after the failure with no checkpoint in between, so a reconnect is not missed."""
+        name = getattr(self._questdb, "name", "questdb")
+        with trio.move_on_after(delay):
+            async with self._bus.subscribe(actors=[name], kinds=["state_changed"]) as changes:
+                async for item in changes:
+                    if isinstance(item, Event) and item.to_state == "CONNECTED":
+                        return
 
     async def _run_once(self) -> bool:
         """Persist from the table's max(seq) onwards until something fails (returns False),

@@ -25,6 +25,7 @@ import trio
 
 from supervision.actor import Actor
 from supervision.bus import EventBus, Missed
+from supervision.errors import ErrorCode
 from supervision.eventlog import EventLog
 from supervision.events import Event
 
@@ -46,6 +47,7 @@ class EventStoreActor(Actor):
         self.persisted_seq = 0
         self.batches = 0
         self.failures = 0
+        self.skipped: list[int] = []  # seqs the database refused outright
 
     async def serve(self) -> None:
         delay = self.retry_s
@@ -80,16 +82,58 @@ class EventStoreActor(Actor):
             while True:
                 batch, overflow = await self._next_batch(sub)
                 if batch:
-                    resp = await self._questdb.call(
-                        "persist_events", {"events": [e.to_json() for e in batch]})
-                    if not resp.ok:
-                        log.warning("persisting events %d..%d failed: %s", batch[0].seq,
-                                    batch[-1].seq, resp.error.message if resp.error else "")
+                    outcome = await self._persist_batch(batch)
+                    if outcome == "failed":
                         return False
+                    if outcome == "restart":
+                        return True  # start over from the table's max(seq)
                     self.persisted_seq = batch[-1].seq
                     self.batches += 1
                 if overflow:
                     return True
+
+    async def _persist(self, events: list[Event]) -> Any:
+        return await self._questdb.call("persist_events",
+                                        {"events": [e.to_json() for e in events]})
+
+    async def _persist_batch(self, batch: list[Event]) -> str:
+        """Write one batch: "ok", "failed" (an outage: the caller waits and starts over from
+        the table's max(seq)) or "restart" (start over now).
+
+        A batch the database *refuses* (a query error: the server is up) first makes us
+        look at the table: if it holds less than we know we wrote (dropped, truncated,
+        lost), start over from its max(seq), which refills it from the log. Otherwise the
+        batch is tried once more, then event by event, and only the events the database
+        still refuses are skipped: one poison event must not hold up every later one
+        forever. Skipped events stay in the log file, the source of truth, and are listed
+        in the actor's status."""
+        resp = await self._persist(batch)
+        if resp.ok:
+            return "ok"
+        if _refused(resp):
+            table = await self._questdb.call("max_persisted_seq")  # re-creates a lost table
+            if table.ok and int(table.data or 0) < self.persisted_seq:
+                log.warning("the events table holds up to seq %s, less than the %d written: "
+                            "refilling it from the log", table.data, self.persisted_seq)
+                self.persisted_seq = int(table.data or 0)
+                return "restart"
+            resp = await self._persist(batch)
+            if resp.ok:
+                return "ok"
+        if not _refused(resp):
+            log.warning("persisting events %d..%d failed: %s", batch[0].seq, batch[-1].seq,
+                        resp.error.message if resp.error else "")
+            return "failed"
+        for event in batch:
+            one = await self._persist([event])
+            if one.ok:
+                continue
+            if not _refused(one):
+                return "failed"
+            self.skipped.append(event.seq)
+            log.error("event %d was refused by the database and is skipped (it stays in "
+                      "the log): %s", event.seq, one.error.message if one.error else "")
+        return "ok"
 
     async def _next_batch(self, sub: Any) -> tuple[list[Event], bool]:
         batch: list[Event] = []
@@ -109,4 +153,11 @@ class EventStoreActor(Actor):
 
     def status_extra(self) -> dict[str, Any]:
         return {"persisted_seq": self.persisted_seq, "log_seq": self._log.last_seq,
+                "skipped_seqs": self.skipped[-20:], "skipped": len(self.skipped),
                 "batches": self.batches, "failures": self.failures}
+
+
+def _refused(resp: Any) -> bool:
+    """The database answered and said no (not an outage, not our own deadline)."""
+    return resp.error is not None and resp.error.code in (ErrorCode.DB_QUERY_FAILED,
+                                                          ErrorCode.INVALID_REQUEST)

@@ -13,12 +13,12 @@ from typing import Any, TypeVar
 
 import trio
 import websockets.sync.client as ws_client
-from websockets.exceptions import ConnectionClosed
 
 from supervision.config import RuntimeConfig
 from supervision.messages import Notice
 from supervision.runtime import Runtime, open_runtime
 from supervision.supervisor import ChildSpec
+from tests.ws_close import close_code
 
 TOKEN = "test-token-6f1c"
 T = TypeVar("T")
@@ -162,12 +162,4 @@ class Client:
 
     def closed_code(self, timeout: float = 5.0) -> int | None:
         """Read until the server closes the connection; return the close code."""
-        deadline = time.monotonic() + timeout
-        try:
-            while time.monotonic() < deadline:
-                self.ws.recv(timeout=max(0.01, deadline - time.monotonic()))
-        except ConnectionClosed as exc:
-            return exc.rcvd.code if exc.rcvd is not None else None
-        except TimeoutError:
-            pass
-        raise AssertionError("the server did not close the connection")
+        return close_code(self.ws, timeout)

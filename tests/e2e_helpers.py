@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
+
+from tests.ws_close import close_code
 
 TOKEN = "e2e-token-b4f2c9"
 # A non-default variable name: checks that control.token_env is honoured.
@@ -426,15 +427,7 @@ class Rpc:
 
     def closed_code(self, timeout: float = 10.0) -> int | None:
         """Read until the server closes; return the close code it sent."""
-        deadline = time.monotonic() + timeout
-        try:
-            while time.monotonic() < deadline:
-                self.ws.recv(timeout=max(0.01, deadline - time.monotonic()))
-        except ConnectionClosed as exc:
-            return exc.rcvd.code if exc.rcvd is not None else None
-        except TimeoutError:
-            pass
-        raise AssertionError("the server did not close the connection")
+        return close_code(self.ws, timeout)
 
 
 def _short(event: Mapping[str, Any]) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -68,8 +68,12 @@ class FlakyActor(Actor):
 
 
 @contextlib.asynccontextmanager
-async def running_supervisor(tmp_path: Path, **kwargs: Any) -> AsyncIterator[Supervisor]:
-    log = EventLog(tmp_path / "events.jsonl", fsync="never")
+async def running_supervisor(tmp_path: Path, *, log_path: Path | None = None,
+                             log_kwargs: dict[str, Any] | None = None,
+                             **kwargs: Any) -> AsyncIterator[Supervisor]:
+    """A supervisor on a fresh log (fsync "never": tests do not need durability), shut
+    down in order when the block ends."""
+    log = EventLog(log_path or tmp_path / "events.jsonl", fsync="never", **(log_kwargs or {}))
     log.open()
     try:
         async with trio.open_nursery() as nursery:
@@ -108,3 +112,17 @@ class Recorder:
                     if predicate(e):
                         return e
                 await trio.sleep(0.001)
+
+
+async def in_thread(fn: Callable[[], Any]) -> Any:
+    """Blocking work (server control, a sync client) off the trio thread."""
+    return await trio.to_thread.run_sync(fn)
+
+
+async def poll(done: Callable[[], bool], *, limit_s: float) -> None:
+    """Until ``done()`` (state observed from outside, as a test must), at most ``limit_s``."""
+    with trio.fail_after(limit_s):
+        while True:
+            if done():
+                return
+            await trio.sleep(0.02)

@@ -3,8 +3,7 @@ others; it is told what it missed and resumes from the log without gap or duplic
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -13,29 +12,17 @@ import trio
 
 from supervision.bus import EventBus, Missed, Subscription
 from supervision.clock import WallClock
-from supervision.eventlog import EventLog, iter_file
+from supervision.eventlog import iter_file
 from supervision.events import Event
 from supervision.supervisor import ChildSpec, Supervisor
-from tests.helpers import FlakyActor, FlakyResource
+from tests.helpers import FlakyActor, FlakyResource, running_supervisor
 
 WALL0 = 1_800_000_000.0  # a fixed wall anchor, so two runs give byte-identical events
 
 
-@contextlib.asynccontextmanager
-async def tree(path: Path, **log_kwargs: Any) -> AsyncIterator[Supervisor]:
-    log = EventLog(path, fsync="never", **log_kwargs)
-    log.open()
-    try:
-        async with trio.open_nursery() as nursery:
-            sup = Supervisor(log=log, wallclock=WallClock(trio.current_time(), WALL0))
-            await nursery.start(sup.run)
-            try:
-                yield sup
-            finally:
-                with trio.CancelScope(shield=True), trio.fail_after(60):
-                    await sup.shutdown()
-    finally:
-        log.close()
+def tree(path: Path, **log_kwargs: Any) -> AbstractAsyncContextManager[Supervisor]:
+    return running_supervisor(path.parent, log_path=path, log_kwargs=log_kwargs,
+                              wallclock=WallClock(trio.current_time(), WALL0))
 
 
 async def flap(sup: Supervisor, res: FlakyResource, *, flaps: int = 6) -> None:

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,6 +33,7 @@ from supervision.messages import Notice
 from supervision.runtime import Runtime, open_runtime
 from supervision.settings import ActorSettings
 from supervision.supervisor import ChildSpec
+from tests.helpers import in_thread, poll
 
 pytestmark = pytest.mark.realserver
 
@@ -147,17 +148,6 @@ async def caught_up(rt: Runtime, limit_s: float = 10.0, quiet_s: float = 0.3) ->
             await trio.sleep(0.02)
 
 
-async def in_thread(fn: Callable[[], Any]) -> None:
-    await trio.to_thread.run_sync(fn)
-
-
-async def poll(done: Callable[[], bool], *, limit_s: float) -> None:
-    """Until ``done()`` (state observed from outside, as a test must), at most ``limit_s``."""
-    with trio.fail_after(limit_s):
-        while True:
-            if done():
-                return
-            await trio.sleep(0.02)
 
 
 # ----------------------------------------------------------------------------- in process

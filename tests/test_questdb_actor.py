@@ -37,7 +37,7 @@ from supervision.events import Event
 from supervision.runtime import open_runtime
 from supervision.settings import ActorSettings
 from supervision.supervisor import ChildSpec, Supervisor
-from tests.helpers import Recorder, running_supervisor
+from tests.helpers import Recorder, in_thread, poll, running_supervisor
 from tests.pg_fixtures import PG_TEST_PASSWORD
 
 pytestmark = pytest.mark.realserver
@@ -128,18 +128,6 @@ async def timed(call: Any) -> tuple[float, Response]:
     return trio.current_time() - start, resp
 
 
-async def in_thread(fn: Callable[[], Any]) -> None:
-    """Server control blocks for tens of milliseconds: keep it off the trio thread."""
-    await trio.to_thread.run_sync(fn)
-
-
-async def poll(done: Callable[[], bool], *, limit_s: float) -> None:
-    """Until ``done()`` (state observed from outside, as a test must), at most ``limit_s``."""
-    with trio.fail_after(limit_s):
-        while True:
-            if done():
-                return
-            await trio.sleep(0.02)
 
 
 def log_count(server: EmbeddedPostgres, marker: str, *, offset: int = 0) -> int:

@@ -1064,14 +1064,8 @@ class TerminalSimulator:
         group: str | None = None,
         ticket: int | None = None,
     ) -> tuple[TradePosition, ...] | None:
-        if not self._filters_ok(unnamed, symbol, group, ticket):
-            return None
-        found = [
-            self._marked_position(p)
-            for p in self._positions.values()
-            if self._passes(p.symbol, p.ticket, symbol, group, ticket)
-        ]
-        return self._succeed(tuple(found))
+        return self._select(self._positions.values(), self._marked_position,
+                            unnamed, symbol, group, ticket)
 
     @_mt5_function(failure=None)
     def orders_total(self) -> int | None:
@@ -1085,14 +1079,18 @@ class TerminalSimulator:
         group: str | None = None,
         ticket: int | None = None,
     ) -> tuple[TradeOrder, ...] | None:
+        return self._select(self._pending_orders.values(), self._marked_order,
+                            unnamed, symbol, group, ticket)
+
+    def _select(self, items: Iterable[Any], mark: Callable[[Any], Any],
+                unnamed: tuple[object, ...], symbol: str | None, group: str | None,
+                ticket: int | None) -> tuple[Any, ...] | None:
+        """positions_get / orders_get: the same filters over open positions or orders."""
         if not self._filters_ok(unnamed, symbol, group, ticket):
             return None
-        found = [
-            self._marked_order(o)
-            for o in self._pending_orders.values()
-            if self._passes(o.symbol, o.ticket, symbol, group, ticket)
-        ]
-        return self._succeed(tuple(found))
+        return self._succeed(tuple(mark(item) for item in items
+                                   if self._passes(item.symbol, item.ticket, symbol, group,
+                                                   ticket)))
 
     @_mt5_function(failure=None)
     def history_orders_get(

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="run the whole tree, the control channel and health",
         description="Run the supervised tree, the control channel and the health server\n"
                     "until SIGINT (Ctrl-C), SIGTERM or a runtime.shutdown request. Shutdown\n"
-                    "is ordered and bounded: servers, then actors in reverse start order.",
+                    "is ordered and bounded: actors in reverse start order, then the servers.",
         epilog="example:\n  MT5SUP_TOKEN=change-me mt5-supervisor run --config runtime.toml",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--config", metavar="FILE",
@@ -255,8 +255,8 @@ async def _run(config: RuntimeConfig, out: TextIO | None = None) -> int:
                 nursery.start_soon(on_signal)
                 await rt.wait_shutdown()
                 nursery.cancel_scope.cancel()
-            print("stopping: servers, then actors in reverse start order", file=out,
-                  flush=True)
+            print("stopping: actors in reverse start order, then the control channel and "
+                  "health", file=out, flush=True)
         print("stopped", file=out, flush=True)
     return EXIT_OK
 

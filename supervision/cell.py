@@ -19,6 +19,8 @@ trip. A connection failure seen by a call is reported to the driver on the comma
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import math
 import random
@@ -44,6 +46,62 @@ log = logging.getLogger("mt5_supervisor.cell")
 
 S = ConnectionState
 Emit = Callable[[Message], Awaitable[None]]
+
+
+class _DeadlinePassed(Exception):
+    """A call's deadline passed before its reply (set by the deadline watchdog)."""
+
+
+class DeadlineWatchdog:
+    """Expires replies whose deadline has passed, for every call of one cell.
+
+    Why not a cancel scope per call: entering and leaving a deadline scope is the single
+    largest cost of a round trip. Callers instead push ``(deadline, reply)`` on a heap and
+    park; one task sleeps until the earliest deadline and answers the replies still waiting
+    with ``_DeadlinePassed``. Answered replies are dropped lazily, and the heap is compacted
+    when it grows, so its size stays near the number of calls in flight.
+    """
+
+    COMPACT_AT = 4096
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Reply]] = []
+        self._order = itertools.count()
+        self._scope: trio.CancelScope | None = None
+        self._sleeping_until = math.inf
+        self._compact_at = self.COMPACT_AT
+
+    def watch(self, deadline: float, reply: Reply) -> None:
+        heapq.heappush(self._heap, (deadline, next(self._order), reply))
+        if deadline < self._sleeping_until and self._scope is not None:
+            self._sleeping_until = deadline
+            self._scope.deadline = deadline  # wake earlier than planned
+        if len(self._heap) >= self._compact_at:
+            self._heap = [item for item in self._heap if not item[2].done]
+            heapq.heapify(self._heap)
+            self._compact_at = max(self.COMPACT_AT, 2 * len(self._heap))
+
+    def expire_all(self) -> None:
+        """The cell is gone: nobody will answer these."""
+        heap, self._heap = self._heap, []
+        for _, _, reply in heap:
+            reply.set_error(_DeadlinePassed())
+
+    async def run(self) -> None:
+        while True:
+            while self._heap and self._heap[0][2].done:
+                heapq.heappop(self._heap)
+            heap = self._heap
+            with trio.CancelScope() as scope:
+                self._sleeping_until = heap[0][0] if heap else math.inf
+                scope.deadline = self._sleeping_until
+                self._scope = scope
+                await trio.sleep_forever()
+            self._scope = None
+            now = trio.current_time()
+            while self._heap and self._heap[0][0] <= now:
+                _, _, reply = heapq.heappop(self._heap)
+                reply.set_error(_DeadlinePassed())
 
 
 class CallRejected(Exception):
@@ -125,6 +183,7 @@ class ActorCell:
         self._session = 0
         self._failed_session = -1  # a session a call has reported dead, not yet processed
         self._running: Request | None = None  # the serial mailbox's request in progress
+        self._deadlines = DeadlineWatchdog()
         self._serial_scope: trio.CancelScope | None = None
         self._stopped = False
         self._state_changed = trio.Event()
@@ -322,9 +381,23 @@ class ActorCell:
                        session: int, timeout_s: float) -> Any:
         reply = Reply()
         request = Request(op, args, deadline, session, reply)
-        with trio.move_on_at(deadline):
-            await self._mail_send.send(request)
-            return await reply.wait(checkpointed=True)
+        try:
+            try:
+                self._mail_send.send_nowait(request)
+            except trio.WouldBlock:  # a full mailbox: wait for room, up to the deadline
+                with trio.move_on_at(deadline):
+                    await self._mail_send.send(request)
+                if trio.current_time() >= deadline and not reply.done:
+                    reply.set_error(_DeadlinePassed())
+        except trio.ClosedResourceError:
+            raise CallRejected(self.error_info(
+                ErrorCode.ACTOR_UNAVAILABLE, f"{op} refused: {self.name} has stopped")) from None
+        if not reply.done:
+            self._deadlines.watch(deadline, reply)
+        try:
+            return await reply.wait()
+        except _DeadlinePassed:
+            pass
         self._cut_off(request)
         failure = self.actor.deadline_failure(op, timeout_s)
         if failure.connection:
@@ -421,6 +494,7 @@ class ActorCell:
             async with self.actor.lifetime(), trio.open_nursery() as nursery:
                 nursery.start_soon(self._mailbox_loop)
                 nursery.start_soon(self._notice_pump)
+                nursery.start_soon(self._deadlines.run)
                 try:
                     await self._drive(task_status)
                 except BaseException:
@@ -436,6 +510,7 @@ class ActorCell:
             self._cmd_send.close()
             self._done.set()
             self._wake_waiters()  # calls waiting at the gate are refused now, not at deadline
+            self._deadlines.expire_all()  # calls waiting for a reply, likewise
 
     async def _notice_pump(self) -> None:
         while True:

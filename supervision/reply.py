@@ -38,6 +38,11 @@ class Reply:
     def set_error(self, exc: BaseException) -> None:
         self.set(outcome.Error(exc))
 
+    @property
+    def done(self) -> bool:
+        """Answered, expired or abandoned: nothing more will happen to this slot."""
+        return self._outcome is not None or self.abandoned
+
     async def wait(self, *, checkpointed: bool = False) -> Any:
         """The outcome. ``checkpointed``: the caller has just passed a checkpoint (it sent
         the request), so an outcome already there is returned without another one."""

@@ -721,9 +721,11 @@ class ActorCell:
         if states.Action.RELEASE in actions:
             await self._release()
         if new.state is not old.state:
+            # RECONNECTING: the attempt scheduled next; ERROR: the attempts spent.
+            attempt = new.budget.used if new.state is S.ERROR else new.attempt
             await self._emit(StateChanged(
                 self.name, str(old.state), str(new.state), reason, info, now,
-                attempt=new.attempt or None, delay_s=new.delay_s, next_at=new.next_at))
+                attempt=attempt or None, delay_s=new.delay_s, next_at=new.next_at))
         if (states.Action.SCHEDULE_ATTEMPT in actions
                 or states.Action.ATTEMPT_NOW in actions):
             await self._emit(Notice(self.name, str(EventKind.BACKOFF_SCHEDULED), now,

@@ -104,6 +104,19 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
     },
 }
 
+ACTOR_SECTIONS = ("mt5", "questdb", "cache")
+
+# Lower bounds: (minimum, strictly greater?). Every other number must be >= 0.
+MINIMUMS: dict[str, tuple[float, bool]] = {
+    "max_attempts": (1, False), "breaker_threshold": (1, False), "queue_limit": (1, False),
+    "max_entries": (1, False), "pool_max_size": (1, False), "persist_batch_size": (1, False),
+    "subscriber_buffer": (1, False), "max_connections": (1, False),
+    "max_message_bytes": (1024, False), "terminal_timeout_ms": (1, False),
+    "health_interval_s": (0, True), "probe_timeout_s": (0, True), "call_timeout_s": (0, True),
+    "connect_timeout_s": (0, True), "shutdown_timeout_s": (0, True), "ttl_s": (0, True),
+    "command_timeout_s": (0, True), "backoff_factor": (1, False),
+}
+
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("runtime", "fsync"): FSYNC_POLICIES,
     ("mt5", "backend"): ("simulator", "metatrader5", "mt5linux"),
@@ -121,15 +134,22 @@ def _check(section: str, key: str, kind: str, value: Any, source: str) -> Any:
             isinstance(x, int | float) and not isinstance(x, bool) for x in v),
     }[kind](value)
     if not ok:
-        expected = {"floats": "a list of numbers"}.get(kind, f"a {kind}")
+        expected = {"floats": "a list of numbers", "int": "an integer",
+                    "float": "a number", "bool": "true or false",
+                    "str": "a string"}[kind]
         raise ConfigError(f"{where}: expected {expected}, got {type(value).__name__} "
                           f"{value!r}")
     if kind == "float":
         value = float(value)
-        if value < 0:
-            raise ConfigError(f"{where}: must be >= 0, got {value!r}")
+    if kind in ("int", "float"):
+        minimum, strict = MINIMUMS.get(key, (0, False))
+        if value < minimum or (strict and value == minimum):
+            rule = f"> {minimum:g}" if strict else f">= {minimum:g}"
+            raise ConfigError(f"{where}: must be {rule}, got {value!r}")
     if kind == "floats":
         value = [float(x) for x in value]
+        if any(x < 0 for x in value):
+            raise ConfigError(f"{where}: delays must be >= 0, got {value!r}")
     if kind == "int" and key.endswith(("port",)) and not 0 <= value <= 65535:
         raise ConfigError(f"{where}: not a TCP port: {value!r}")
     choices = CHOICES.get((section, key))
@@ -176,6 +196,7 @@ class RuntimeConfig:
                      env: Mapping[str, str] | None = None) -> RuntimeConfig:
         env = dict(os.environ if env is None else env)
         values = {s: {k: d for k, (_, d) in keys.items()} for s, keys in SCHEMA.items()}
+        explicit: set[tuple[str, str]] = set()  # set by the file or the environment
         for section, table in raw.items():
             if section not in SCHEMA:
                 raise ConfigError(f"{source}: unknown section [{section}]")
@@ -186,21 +207,25 @@ class RuntimeConfig:
                     raise ConfigError(f"{source}: unknown key {section}.{key}")
                 values[section][key] = _check(section, key, SCHEMA[section][key][0], value,
                                               source)
-        # Actor sections inherit [supervisor] values they do not set themselves.
-        for section in ("mt5", "questdb", "cache"):
-            own = raw.get(section, {})
-            for key in SUPERVISOR_KEYS:
-                if key not in own:
-                    values[section][key] = values["supervisor"][key]
+                explicit.add((section, key))
         for name, text in env.items():
             if not name.startswith(ENV_PREFIX):
                 continue
             rest = name[len(ENV_PREFIX):].lower()
             section, _, key = rest.partition("_")
-            if section not in SCHEMA or key not in SCHEMA[section]:
+            if section not in SCHEMA:
                 continue  # e.g. MT5SUP_TOKEN, the default token variable
+            if key not in SCHEMA[section]:
+                raise ConfigError(f"environment variable {name}: unknown key {section}.{key}")
             values[section][key] = _check(section, key, SCHEMA[section][key][0],
                                           _env_value(text), f"environment variable {name}")
+            explicit.add((section, key))
+        # Actor sections inherit the [supervisor] values (from the file or the environment)
+        # that they do not set themselves.
+        for section in ACTOR_SECTIONS:
+            for key in SUPERVISOR_KEYS:
+                if (section, key) not in explicit:
+                    values[section][key] = values["supervisor"][key]
         return cls(values=values, source=source, env=env)
 
     def with_overrides(self, **sections: Mapping[str, Any]) -> RuntimeConfig:
@@ -214,6 +239,10 @@ class RuntimeConfig:
                     raise ConfigError(f"overrides: unknown key {section}.{key}")
                 values[section][key] = _check(section, key, SCHEMA[section][key][0], value,
                                               "overrides")
+                if section == "supervisor":  # as in a file: actors inherit it
+                    for actor in ACTOR_SECTIONS:
+                        if key not in sections.get(actor, {}):
+                            values[actor][key] = values["supervisor"][key]
         return attrs.evolve(self, values=values)
 
     # ------------------------------------------------------------------ views

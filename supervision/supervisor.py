@@ -44,6 +44,9 @@ from supervision.states import ConnectionState
 log = logging.getLogger("mt5_supervisor.supervisor")
 
 RESTART_TYPES = ("permanent", "transient", "temporary")
+RESOURCE_ERROR_KINDS = frozenset({
+    EventKind.STATE_CHANGED, EventKind.ATTEMPT_FAILED, EventKind.PROBE_FAILED,
+    EventKind.ESCALATED, EventKind.ACTOR_STOPPED})
 STRATEGIES = ("one_for_one", "rest_for_one")
 EscalateHook = Callable[[str, ErrorInfo | None], Awaitable[None] | None]
 
@@ -348,7 +351,9 @@ class Supervisor:
         if child is None:
             return
         view = child.view
-        if event.error is not None:
+        # last_error is about the resource: a refused or degraded call (degraded_served)
+        # repeats an older cause and must not replace it.
+        if event.error is not None and event.kind in RESOURCE_ERROR_KINDS:
             view.last_error = {**event.error, "at": iso(event.ts)}
         next_at = (event.data or {}).get("next_at")
         if isinstance(message, StateChanged):

@@ -105,7 +105,7 @@ def expected_escalation() -> list[tuple[Any, ...]]:
         ("attempt_failed", None, None, 2, None),
         ("backoff_scheduled", None, None, 3, BACKOFF[2]),
         ("attempt_failed", None, None, 3, None),
-        ("state_changed", "RECONNECTING", "ERROR", None, None),
+        ("state_changed", "RECONNECTING", "ERROR", 3, None),
         ("escalated", None, None, None, None),
     ]
 

@@ -238,7 +238,7 @@ def test_many_clients_and_a_stalled_subscriber_do_not_slow_the_supervisor(
     assert kinds == [("state_changed", 1), ("backoff_scheduled", 1), ("attempt_failed", 1),
                      ("backoff_scheduled", 2), ("attempt_failed", 2),
                      ("backoff_scheduled", 3), ("attempt_failed", 3),
-                     ("state_changed", None), ("escalated", None),
+                     ("state_changed", 3), ("escalated", None),
                      ("state_changed", None), ("recovered", None)], kinds
     schedule = attempt_schedule(mt5[crash_at:], "mt5")
     assert [delay for delay, _, _ in schedule] == list(BACKOFF)

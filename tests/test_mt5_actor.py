@@ -209,7 +209,8 @@ async def test_terminal_crash_outlasting_the_backoff_escalates_then_recovers_on_
             "+3 attempt_failed attempt=2 MT5_INIT_FAILED",
             "+3 backoff_scheduled attempt=3 delay=4",
             "+7 attempt_failed attempt=3 MT5_INIT_FAILED",
-            "+7 state_changed RECONNECTING->ERROR attempt=3 delay=30 MT5_INIT_FAILED (attempt 3 failed)",
+            "+7 state_changed RECONNECTING->ERROR attempt=3 delay=30 "
+            "MT5_INIT_FAILED (attempt 3 failed)",
             "+7 escalated MT5_INIT_FAILED",
             "+37 state_changed ERROR->CONNECTED (probe ok)",
             "+37 recovered",
@@ -390,7 +391,8 @@ async def test_a_terminal_that_stays_hung_abandons_a_worker_per_attempt_and_esca
             "+25 attempt_failed attempt=2 MT5_IPC_TIMEOUT",
             "+25 backoff_scheduled attempt=3 delay=4",
             "+39 attempt_failed attempt=3 MT5_IPC_TIMEOUT",
-            "+39 state_changed RECONNECTING->ERROR attempt=3 delay=30 MT5_IPC_TIMEOUT (attempt 3 failed)",
+            "+39 state_changed RECONNECTING->ERROR attempt=3 delay=30 "
+            "MT5_IPC_TIMEOUT (attempt 3 failed)",
             "+39 escalated MT5_IPC_TIMEOUT",
             "+69 state_changed ERROR->CONNECTED (probe ok)",
             "+69 recovered",
@@ -503,7 +505,8 @@ async def test_auth_failure_fails_every_attempt_escalates_and_keeps_the_password
             "+3 attempt_failed attempt=2 AUTH_FAILED",
             "+3 backoff_scheduled attempt=3 delay=4",
             "+7 attempt_failed attempt=3 AUTH_FAILED",
-            "+7 state_changed RECONNECTING->ERROR attempt=3 delay=30 AUTH_FAILED (attempt 3 failed)",
+            "+7 state_changed RECONNECTING->ERROR attempt=3 delay=30 "
+            "AUTH_FAILED (attempt 3 failed)",
             "+7 escalated AUTH_FAILED",
             "+37 probe_failed delay=30 AUTH_FAILED",
             "+67 state_changed ERROR->CONNECTED (probe ok)",

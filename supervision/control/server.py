@@ -429,10 +429,10 @@ class Connection:
 
     def _is_write_call(self, params: Mapping[str, Any]) -> bool:
         """``actor.call`` is a read when the actor declares the operation a read
-        (``OpSpec.read``: symbol_info_tick, fetch, cache get, ...). Anything else may change
-        the world (order_send, cache put, execute) and needs the token. A ``fetch`` is
-        declared a read; the SQL is the caller's responsibility, and unauthenticated reads
-        are open only on loopback and only while ``control.open_reads`` is true. Unknown
+        (``OpSpec.read``: symbol_info_tick, questdb fetch, cache get, ...); reads are open
+        on loopback (DESIGN section 6). Anything else (order_send, execute, cache put) needs
+        the token. The server does not parse a fetch's SQL: where an unauthenticated local
+        client must not run arbitrary statements, set control.open_reads = false. Unknown
         actors and ops run nothing: they are answered with INVALID_REQUEST either way."""
         child = self.rt.supervisor.children.get(params["actor"])
         if child is None:

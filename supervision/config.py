@@ -267,9 +267,13 @@ class RuntimeConfig:
         breaker = None
         retry: tuple[float, ...] = ()
         if "breaker_threshold" in v:
+            # QuestDB: DESIGN's breaker to the letter (fail fast for breaker_open_s, then one
+            # half-open probe). The terminal: a successful reconnect closes it at once, so
+            # orders are not refused for 30 s after the terminal is back.
             breaker = BreakerConfig(threshold=v["breaker_threshold"], open_s=v["breaker_open_s"],
                                     probe_timeout_s=max(v["probe_timeout_s"],
-                                                        v["call_timeout_s"]))
+                                                        v["call_timeout_s"]),
+                                    close_on_observed_success=section != "questdb")
         if section == "questdb":
             retry = tuple(v["retry_delays_s"])
         if v["max_attempts"] < 1:

@@ -78,6 +78,9 @@ def base_sections(state_dir: Path, control_port: int, health_port: int
                        "jitter": 0.0, "health_interval_s": 1.0, "probe_timeout_s": 1.0,
                        "call_timeout_s": 2.0, "connect_timeout_s": 2.0},
         # [questdb] has no dsn: the runtime starts its embedded PostgreSQL server itself.
+        # Its breaker fails fast for breaker_open_s after opening (DESIGN: 30 s), even once
+        # the database is back: a short window keeps recovery tests to seconds.
+        "questdb": {"breaker_open_s": 2.0},
     }
 
 

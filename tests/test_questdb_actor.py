@@ -639,8 +639,16 @@ async def test_stop_the_database_verify_graceful_degradation(
 
         await in_thread(pg_server.start)
         await poll(lambda: rt.state("questdb") == "CONNECTED", limit_s=10)
-        resp = await rt.questdb.fetch(sql)
-        assert resp.ok and resp.cached_at is None and resp.data == ok.data
+        # DESIGN's breaker: an open circuit fails fast for breaker_open_s (1 s here) even
+        # though the database is back, then lets one half-open probe through.
+        with trio.fail_after(5):
+            while True:
+                resp = await rt.questdb.fetch(sql)
+                if resp.ok:
+                    break
+                assert resp.status == "degraded" and resp.reason == "circuit_open", resp
+                await trio.sleep(0.1)
+        assert resp.cached_at is None and resp.data == ok.data, resp
         code, doc = rt.health()
         assert doc["checks"]["questdb:connection"][0]["status"] == "pass"
 

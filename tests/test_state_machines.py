@@ -494,3 +494,26 @@ def test_breaker_property(probes, threshold, open_s, probe_timeout, ops):
         # invariants
         assert len(b.probes) <= probes
         assert (b.state is BreakerState.OPEN) == (b.opened_at is not None)
+
+
+def test_an_observed_success_does_not_close_a_strict_breaker():
+    """QuestDB's breaker (DESIGN 4): only the half-open call probe, after open_s, closes it."""
+    b = Breaker(BreakerConfig(threshold=1, open_s=30.0, close_on_observed_success=False))
+    b, _ = b.record_failure(None, 0.0)
+    assert b.state is BreakerState.OPEN
+    b, transitions = b.record_success(None, 5.0)  # the supervisor reconnected
+    assert b.state is BreakerState.OPEN and transitions == ()
+    assert b.admit(29.9).ticket is None  # still failing fast
+    admission = b.admit(30.0)
+    assert admission.ticket is not None and admission.ticket.probe
+    assert admission.breaker.state is BreakerState.HALF_OPEN
+    b, _ = admission.breaker.record_success(admission.ticket, 30.1)
+    assert b.state is BreakerState.CLOSED
+
+
+def test_an_observed_success_closes_a_lenient_breaker():
+    """The terminal's breaker: a successful reconnect closes it at once."""
+    b = Breaker(BreakerConfig(threshold=1, open_s=30.0))
+    b, _ = b.record_failure(None, 0.0)
+    b, transitions = b.record_success(None, 5.0)
+    assert b.state is BreakerState.CLOSED and len(transitions) == 1

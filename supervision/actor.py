@@ -4,7 +4,8 @@ An actor owns one resource and is the only code that touches it. The supervision
 drives it through five hooks and never looks inside:
 
 * ``lifetime()`` — an async context around the actor's whole life in the tree (e.g. the
-  ``trio_asyncio`` loop the QuestDB pool lives in). Entered once per start.
+  ``trio_asyncio`` loop the QuestDB pool lives in). Entered once per instance: restarts
+  are fresh, so every connect attempt runs a new instance from the child's factory.
 * ``connect()`` / ``release()`` — acquire and drop the resource. ``connect`` raises on
   failure; ``release`` must not raise and is bounded by the supervisor.
 * ``probe()`` — a cheap liveness check run every ``health_interval_s`` while CONNECTED, and
@@ -23,7 +24,8 @@ connection errors when the actor has ``retry_delays_s``). Writes are neither by 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+import enum
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, ClassVar
 
 import attrs
@@ -31,6 +33,14 @@ import trio
 
 from supervision.errors import ErrorCode, Failure, describe, operation_message
 from supervision.messages import Notice
+
+
+class RestartType(enum.StrEnum):
+    """When a child whose ``serve()`` ended is started again (OTP's restart types)."""
+
+    PERMANENT = "permanent"  # always
+    TRANSIENT = "transient"  # only after a failure (serve raised)
+    TEMPORARY = "temporary"  # never
 
 
 @attrs.frozen
@@ -51,6 +61,7 @@ class Actor:
     ops: ClassVar[Mapping[str, OpSpec]] = {}
     # How many requests run at once. 1: strictly in mailbox order.
     concurrency: int = 1
+    _notify: Callable[[Notice], None] | None = None  # set by ``attach``
 
     @contextlib.asynccontextmanager
     async def lifetime(self) -> AsyncIterator[None]:
@@ -79,9 +90,18 @@ class Actor:
         this call timed out; a terminal actor overrides it (a hung terminal is lost)."""
         return Failure(ErrorCode.TIMEOUT, f"{op} failed: no answer within {timeout_s:g} s")
 
+    def attach(self, name: str, notify: Callable[[Notice], None]) -> None:
+        """Called by the cell before the instance runs: its name in the tree, and where
+        its notices go."""
+        self.name = name
+        self._notify = notify
+
     def notify(self, notice: Notice) -> None:
-        """Publish a supervision event about this actor (set by the cell; no-op until then).
-        Never blocks: the event is queued and sent by the cell's notice task."""
+        """Publish a supervision event about this actor (a no-op until the cell attaches
+        it). Never blocks: the event is queued and sent by the cell's notice task."""
+        sink = self._notify
+        if sink is not None:
+            sink(notice)
 
     def status_extra(self) -> dict[str, Any]:
         """Actor-specific figures for status and health (no I/O)."""

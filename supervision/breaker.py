@@ -14,9 +14,9 @@ Rules:
   cannot re-open a breaker that has since recovered, nor count twice.
 * Observations without a ticket (a supervisor's reconnect attempt, a health probe) count in
   the current generation: every failed connection attempt counts, whoever made it. An
-  observed success closes the breaker (the resource has been seen alive) unless the config
-  says ``close_on_observed_success=False``: then only the half-open call probe, let through
-  after ``open_s``, closes it.
+  observed success is the half-open probe (as an active health check un-ejects a host): it
+  closes the breaker at once, for every actor, so CONNECTED never coexists with a breaker
+  that refuses calls (DESIGN.md section 4).
 * Pure: every method takes ``now`` and returns a new ``Breaker`` plus the transitions that
   happened (for events). Nothing sleeps or reads a clock.
 """
@@ -24,6 +24,7 @@ Rules:
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 import attrs
 
@@ -40,10 +41,6 @@ class BreakerConfig:
     open_s: float = attrs.field(default=30.0, validator=attrs.validators.ge(0.0))
     half_open_probes: int = attrs.field(default=1, validator=attrs.validators.ge(1))
     probe_timeout_s: float = attrs.field(default=10.0, validator=attrs.validators.gt(0.0))
-    # Does a success observed without a ticket (a supervisor's reconnect or health probe)
-    # close an open breaker? False: only the half-open call probe, after open_s, closes it
-    # (the QuestDB contract: fail fast for 30 s, then exactly one probe).
-    close_on_observed_success: bool = True
 
 
 @attrs.frozen
@@ -82,7 +79,7 @@ class Breaker:
                                                       repr=False)
 
     # -- internal -------------------------------------------------------------------------
-    def _to(self, state: BreakerState, now: float, **changes: object) -> tuple[Breaker, Transition]:
+    def _to(self, state: BreakerState, now: float, **changes: Any) -> tuple[Breaker, Transition]:
         new = attrs.evolve(self, state=state, generation=self.generation + 1, **changes)
         return new, Transition(self.state, state, now)
 
@@ -132,8 +129,6 @@ class Breaker:
             return self, ()
         if self.state is BreakerState.CLOSED:
             return (attrs.evolve(self, failures=0) if self.failures else self), ()
-        if ticket is None and not self.config.close_on_observed_success:
-            return self, ()  # only the admitted half-open probe may close it
         b, tr = self._close(now)
         return b, (tr,)
 

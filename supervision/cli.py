@@ -24,6 +24,7 @@ DEFAULT_URL = "ws://127.0.0.1:8765/"
 EXIT_OK = 0
 EXIT_CONNECT = 1
 EXIT_USAGE = 2
+EXIT_LOG_DAMAGED = 3  # `log check`: unreadable lines found; `log repair`: could not repair
 
 DESCRIPTION = """\
 mt5-supervisor runs a supervised tree of actors: a MetaTrader 5 terminal (or its built-in
@@ -48,7 +49,9 @@ examples:
 The control token (needed for mutating methods; reads are open on loopback by default) is
 read from the environment variable MT5SUP_TOKEN; `status` and `events` send it when set.
 
-exit codes: 0 ok, 1 cannot connect, 2 usage or configuration error"""
+  mt5-supervisor log check                    # is the event log readable? (see log repair)
+
+exit codes: 0 ok, 1 cannot connect, 2 usage or configuration error, 3 damaged event log"""
 
 
 class CannotConnect(Exception):
@@ -147,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     client_options(inject)
     inject.add_argument("fault")
-    inject.add_argument("--actor", default="mt5", help="mt5 (default) or questdb")
+    inject.add_argument("--actor", default="mt5",
+                        help="mt5 (default), a terminal mt5-NAME, or questdb")
     inject.add_argument("--duration", type=float, metavar="SECONDS",
                         help="heal by itself after this long (default: until clear)")
     inject.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
@@ -162,6 +166,22 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     client_options(restart)
     restart.add_argument("actor")
+
+    log_cmd = commands.add_parser(
+        "log", help="check or repair the event log (state_dir/events.jsonl)",
+        description="Look at the event log on disk (no running runtime needed).\n"
+                    "  check   read the whole log; list unreadable lines (exit 3 if any)\n"
+                    "  repair  move unreadable lines to events.jsonl.corrupt, keep every\n"
+                    "          readable event; the runtime must be stopped",
+        epilog="examples:\n  mt5-supervisor log check --config runtime.toml\n"
+               "  mt5-supervisor log repair --state-dir ./var",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    log_cmd.add_argument("action", choices=("check", "repair"))
+    where = log_cmd.add_mutually_exclusive_group()
+    where.add_argument("--config", metavar="FILE",
+                       help="take state_dir from this configuration (default: built-in "
+                            "defaults and MT5SUP_* environment overrides)")
+    where.add_argument("--state-dir", metavar="DIR", help="the state directory itself")
     return parser
 
 
@@ -173,6 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     if args.command == "run":
         return cmd_run(args)
+    if args.command == "log":
+        return cmd_log(args)
     if getattr(args, "since", None) is not None and args.since < 0:
         parser.error("--since must be >= 0")
     commands = {"status": cmd_status, "events": cmd_events, "call": cmd_call,
@@ -180,7 +202,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in ("call", "inject"):
             _check_json_arguments(parser, args)
-        return trio.run(commands[args.command], args)
+        code = trio.run(commands[args.command], args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
+    except BrokenPipeError:
+        return _stdout_closed()
     except CannotConnect as exc:
         print(f"mt5-supervisor: {exc}", file=sys.stderr)
         return EXIT_CONNECT
@@ -189,6 +215,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONNECT
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+def _stdout_closed() -> int:
+    """Whoever read our output has had enough (``... | head``): stop quietly, as Unix tools
+    do. stdout goes to /dev/null so the interpreter's final flush cannot complain."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------- run
@@ -204,6 +239,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         if config_error is not None:
             print(f"mt5-supervisor: configuration error: {config_error}", file=sys.stderr)
             return EXIT_USAGE
+        from supervision.eventlog import LogUnreadable
+
+        unreadable = _find(exc, LogUnreadable)
+        if unreadable is not None:
+            print(f"mt5-supervisor: {unreadable} (the seq to continue from cannot be known; "
+                  "fix the file's permissions or see `mt5-supervisor log check`)",
+                  file=sys.stderr)
+            return EXIT_LOG_DAMAGED
         os_error = _find(exc, OSError)
         if os_error is not None:
             detail = str(os_error)
@@ -240,6 +283,10 @@ async def _run(config: RuntimeConfig, out: TextIO | None = None) -> int:
                        else f"http://{host}:{port}/health")
                 print(f"{name}: {url}", file=out, flush=True)
             print(f"event log: {config.state_dir / 'events.jsonl'}", file=out, flush=True)
+            condition = rt.supervisor.log.condition()
+            if condition.status != "pass":
+                print(f"event log {condition.status.upper()}: {condition.output}", file=out,
+                      flush=True)
             if config.token is None:
                 print(f"note: {config['control']['token_env']} is not set: mutating control "
                       "methods are refused", file=out, flush=True)
@@ -258,6 +305,42 @@ async def _run(config: RuntimeConfig, out: TextIO | None = None) -> int:
             print("stopping: actors in reverse start order, then the control channel and "
                   "health", file=out, flush=True)
         print("stopped", file=out, flush=True)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------- log
+def cmd_log(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from supervision.logcheck import LogInUse, check_log, format_report, repair_log
+
+    if args.state_dir is not None:
+        state_dir = Path(args.state_dir)
+    else:
+        try:
+            state_dir = RuntimeConfig.load(args.config).state_dir
+        except ConfigError as exc:
+            print(f"mt5-supervisor: configuration error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    path = state_dir / "events.jsonl"
+    try:
+        if args.action == "check":
+            report = check_log(path)
+            print(format_report(report))
+            return EXIT_LOG_DAMAGED if report.damaged else EXIT_OK
+        result = repair_log(path)
+    except LogInUse as exc:
+        print(f"mt5-supervisor: {exc}", file=sys.stderr)
+        return EXIT_LOG_DAMAGED
+    except OSError as exc:
+        print(f"mt5-supervisor: cannot {args.action} {path}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return EXIT_LOG_DAMAGED
+    if not result.moved:
+        print(f"{path}: nothing to repair ({result.kept} readable events)")
+    else:
+        print(f"{path}: moved {result.moved} unreadable line(s) to {result.corrupt_path}; "
+              f"kept {result.kept} readable events")
     return EXIT_OK
 
 
@@ -328,7 +411,8 @@ async def _with_client(args: argparse.Namespace, body: Any) -> int:
             return await body(ControlClient(ws, args.timeout))
     except BaseException as exc:
         # trio-websocket may wrap a failure in an exception group; find what it was.
-        for kind in (CannotConnect, RpcFailure, KeyboardInterrupt):
+        # BrokenPipeError first: it is an OSError too, but it is our stdout that closed.
+        for kind in (BrokenPipeError, CannotConnect, RpcFailure, KeyboardInterrupt):
             found = _find(exc, kind)
             if found is not None:
                 raise found from None
@@ -406,7 +490,7 @@ async def cmd_events(args: argparse.Namespace) -> int:
         last_seq = since if since is not None else -1
 
         async def subscribe(after: int | None) -> str:
-            params: dict[str, Any] = {}
+            params: dict[str, Any] = {"batch": True}  # fewer frames in a restart storm
             if after is not None:
                 params["since_seq"] = after
             if args.actor:
@@ -423,12 +507,17 @@ async def cmd_events(args: argparse.Namespace) -> int:
             if params.get("subscription") != current:
                 continue  # from a subscription replaced after an overflow
             method = message.get("method")
-            if method == "events.event":
-                if params["seq"] <= last_seq:
-                    continue  # replayed again after a resume
-                last_seq = params["seq"]
-                event = {k: v for k, v in params.items() if k != "subscription"}
-                print(json.dumps(event) if args.json else format_event(event), flush=True)
+            if method in ("events.batch", "events.event"):
+                batch = params["events"] if method == "events.batch" else [
+                    {k: v for k, v in params.items() if k != "subscription"}]
+                lines = []
+                for event in batch:
+                    if event["seq"] <= last_seq:
+                        continue  # replayed again after a resume
+                    last_seq = event["seq"]
+                    lines.append(json.dumps(event) if args.json else format_event(event))
+                if lines:
+                    print("\n".join(lines), flush=True)
             elif method == "events.overflow":
                 # Fell behind (the log is longer than the server's buffer, or we were slow):
                 # resume from the log where the gap starts. Nothing is skipped.

@@ -9,13 +9,18 @@ Rules (DESIGN.md section 8):
 * Environment overrides: ``MT5SUP_<SECTION>_<KEY>`` (e.g. ``MT5SUP_CONTROL_PORT=9000``),
   parsed as TOML values when they parse, else taken as strings.
 * Secrets never live in the file: the control token comes from the variable named by
-  ``control.token_env``; the MT5 password from ``MT5_PASSWORD``. A DSN may carry a password
-  (it then comes from the file or ``MT5SUP_QUESTDB_DSN``); it is redacted everywhere it is shown.
+  ``control.token_env``; the MT5 password from the variable named by ``mt5.password_env``
+  (default ``MT5_PASSWORD``), a ``[mt5.terminals.NAME]`` terminal's from its own
+  ``password_env`` (default ``MT5_PASSWORD_<NAME>``). A DSN may carry a password (it then
+  comes from the file or ``MT5SUP_QUESTDB_DSN``); it is redacted everywhere it is shown.
+* ``[mt5.terminals.NAME]`` tables take ``[mt5]``'s keys, defaulting to ``[mt5]``'s values
+  (``RuntimeConfig.terminals``); environment overrides do not reach them.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -46,6 +51,7 @@ SUPERVISOR_KEYS: dict[str, tuple[str, Any]] = {
     "connect_timeout_s": ("float", 10.0),
     "shutdown_timeout_s": ("float", 5.0),
     "queue_limit": ("int", 1000),
+    "stable_s": ("float", 30.0),
 }
 
 SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
@@ -53,6 +59,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "state_dir": ("str", "./var"),
         "fsync": ("str", "batch"),
         "subscriber_buffer": ("int", 1000),
+        "log_buffer": ("int", 10_000),  # events kept in memory while the log is unwritable
     },
     "control": {
         "enabled": ("bool", True),
@@ -61,6 +68,9 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "token_env": ("str", "MT5SUP_TOKEN"),
         "max_message_bytes": ("int", 1024 * 1024),
         "max_connections": ("int", 256),
+        "reserved_connections": ("int", 16),  # more, only with a valid bearer header
+        "handshake_timeout_s": ("float", 10.0),  # upgrade, and the first message without token
+        "idle_timeout_s": ("float", 300.0),  # no request, none running, no subscription
         "requests_per_second": ("float", 200.0),
         "open_reads": ("bool", True),
     },
@@ -73,6 +83,8 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
     "mt5": {
         "enabled": ("bool", True),
         "backend": ("str", "simulator"),
+        "worker": ("str", "process"),  # one OS process per terminal (docs/mt5.md)
+        "password_env": ("str", "MT5_PASSWORD"),
         "path": ("str", ""),
         "login": ("int", 0),
         "server": ("str", ""),
@@ -93,6 +105,8 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "pool_min_size": ("int", 0),
         "pool_max_size": ("int", 4),
         "command_timeout_s": ("float", 10.0),
+        # Embedded server: per-statement limit of the control channel's query role.
+        "query_statement_timeout_s": ("float", 5.0),
         "persist_events": ("bool", True),
         "persist_batch_size": ("int", 500),
         **SUPERVISOR_KEYS,
@@ -100,6 +114,10 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
     "cache": {
         "ttl_s": ("float", 300.0),
         "max_entries": ("int", 10_000),
+        # Last-known-good answers kept for degraded reads: per actor, bounded in bytes
+        # (estimated), apart from the bot's own entries; larger answers are not kept.
+        "max_bytes": ("int", 64 * 1024 * 1024),
+        "max_entry_bytes": ("int", 1024 * 1024),
         **SUPERVISOR_KEYS,
     },
 }
@@ -110,17 +128,22 @@ ACTOR_SECTIONS = ("mt5", "questdb", "cache")
 MINIMUMS: dict[str, tuple[float, bool]] = {
     "max_attempts": (1, False), "breaker_threshold": (1, False), "queue_limit": (1, False),
     "max_entries": (1, False), "pool_max_size": (1, False), "persist_batch_size": (1, False),
-    "subscriber_buffer": (1, False), "max_connections": (1, False),
+    "subscriber_buffer": (1, False), "max_connections": (1, False), "log_buffer": (1, False),
     "max_message_bytes": (1024, False), "terminal_timeout_ms": (1, False),
     "health_interval_s": (0, True), "probe_timeout_s": (0, True), "call_timeout_s": (0, True),
     "connect_timeout_s": (0, True), "shutdown_timeout_s": (0, True), "ttl_s": (0, True),
     "command_timeout_s": (0, True), "backoff_factor": (1, False),
+    "query_statement_timeout_s": (0, True),
+    "handshake_timeout_s": (0, True), "idle_timeout_s": (0, True),
 }
 
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("runtime", "fsync"): FSYNC_POLICIES,
     ("mt5", "backend"): ("simulator", "metatrader5", "mt5linux"),
+    ("mt5", "worker"): ("process", "thread", "inline"),
 }
+# [mt5.terminals.NAME]: the actor is "mt5-NAME", so NAME must make a plain actor name.
+TERMINAL_NAME = re.compile(r"[A-Za-z0-9_]{1,40}")
 
 
 def _check(section: str, key: str, kind: str, value: Any, source: str) -> Any:
@@ -152,10 +175,49 @@ def _check(section: str, key: str, kind: str, value: Any, source: str) -> Any:
             raise ConfigError(f"{where}: delays must be >= 0, got {value!r}")
     if kind == "int" and key.endswith(("port",)) and not 0 <= value <= 65535:
         raise ConfigError(f"{where}: not a TCP port: {value!r}")
-    choices = CHOICES.get((section, key))
+    if (section, key) == ("questdb", "dsn") and value:
+        _check_dsn(value, where)
+    choices = CHOICES.get((section.split(".")[0], key))  # mt5.terminals.X: as [mt5]
     if choices is not None and value not in choices:
         raise ConfigError(f"{where}: must be one of {', '.join(choices)}, got {value!r}")
     return value
+
+
+def _check_dsn(dsn: str, where: str) -> None:
+    """A DSN that can never connect is a configuration error now, not a reconnect loop.
+    The value is never quoted back: it may carry a password."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(dsn)
+        _ = parts.port  # a port that is not a number, or out of range, raises here
+    except ValueError as exc:
+        # urllib's own words only name the part (e.g. "Port out of range 0-65535").
+        raise ConfigError(f"{where}: not a valid DSN ({exc})") from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(f"{where}: a DSN must start with postgresql:// (or postgres://), "
+                          f"not {parts.scheme + '://' if parts.scheme else 'nothing'}")
+    if not parts.hostname and "host=" not in parts.query:
+        raise ConfigError(f"{where}: the DSN names no host")
+
+
+def _terminal_values(name: Any, table: Any, mt5: Mapping[str, Any],
+                     source: str) -> dict[str, Any]:
+    """One ``[mt5.terminals.NAME]`` table: [mt5]'s keys, each defaulting to [mt5]'s value,
+    except ``password_env`` (default ``MT5_PASSWORD_<NAME>``): accounts never share one."""
+    if not isinstance(name, str) or not TERMINAL_NAME.fullmatch(name):
+        raise ConfigError(f"{source}: [mt5.terminals.{name}]: a terminal name is 1-40 "
+                          "letters, digits or _")
+    section = f"mt5.terminals.{name}"
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{source}: [{section}] must be a table")
+    values = dict(mt5)
+    values["password_env"] = f"MT5_PASSWORD_{name.upper()}"
+    for key, value in table.items():
+        if key not in SCHEMA["mt5"]:
+            raise ConfigError(f"{source}: unknown key {section}.{key}")
+        values[key] = _check(section, key, SCHEMA["mt5"][key][0], value, source)
+    return values
 
 
 def _env_value(text: str) -> Any:
@@ -173,6 +235,8 @@ class RuntimeConfig:
         factory=lambda: {s: {k: d for k, (_, d) in keys.items()} for s, keys in SCHEMA.items()})
     source: str = "<defaults>"
     env: Mapping[str, str] = attrs.field(factory=dict, repr=False)
+    # [mt5.terminals.NAME] -> its keys (all of [mt5]'s, inherited where not set).
+    terminals: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -197,12 +261,18 @@ class RuntimeConfig:
         env = dict(os.environ if env is None else env)
         values = {s: {k: d for k, (_, d) in keys.items()} for s, keys in SCHEMA.items()}
         explicit: set[tuple[str, str]] = set()  # set by the file or the environment
+        terminal_tables: Mapping[str, Any] = {}
         for section, table in raw.items():
             if section not in SCHEMA:
                 raise ConfigError(f"{source}: unknown section [{section}]")
             if not isinstance(table, Mapping):
                 raise ConfigError(f"{source}: [{section}] must be a table")
             for key, value in table.items():
+                if (section, key) == ("mt5", "terminals"):
+                    if not isinstance(value, Mapping):
+                        raise ConfigError(f"{source}: [mt5.terminals] must be a table")
+                    terminal_tables = value
+                    continue
                 if key not in SCHEMA[section]:
                     raise ConfigError(f"{source}: unknown key {section}.{key}")
                 values[section][key] = _check(section, key, SCHEMA[section][key][0], value,
@@ -226,7 +296,9 @@ class RuntimeConfig:
             for key in SUPERVISOR_KEYS:
                 if (section, key) not in explicit:
                     values[section][key] = values["supervisor"][key]
-        return cls(values=values, source=source, env=env)
+        terminals = {name: _terminal_values(name, table, values["mt5"], source)
+                     for name, table in terminal_tables.items()}
+        return cls(values=values, source=source, env=env, terminals=terminals)
 
     def with_overrides(self, **sections: Mapping[str, Any]) -> RuntimeConfig:
         """A copy with some keys replaced (validated), e.g. ``control={"port": 0}``."""
@@ -260,20 +332,26 @@ class RuntimeConfig:
 
     @property
     def mt5_password(self) -> str | None:
-        return self.env.get("MT5_PASSWORD") or None
+        return self.env.get(self.values["mt5"]["password_env"]) or None
 
-    def actor_settings(self, section: str) -> ActorSettings:
-        v = self.values[section]
+    def terminal_password(self, name: str) -> str | None:
+        """The password of ``[mt5.terminals.NAME]``, from its ``password_env`` variable."""
+        return self.env.get(self.terminals[name]["password_env"]) or None
+
+    def terminal_settings(self, name: str) -> ActorSettings:
+        return self.actor_settings("mt5", self.terminals[name])
+
+    def actor_settings(self, section: str,
+                       values: Mapping[str, Any] | None = None) -> ActorSettings:
+        v = self.values[section] if values is None else values
         breaker = None
         retry: tuple[float, ...] = ()
         if "breaker_threshold" in v:
-            # QuestDB: DESIGN's breaker to the letter (fail fast for breaker_open_s, then one
-            # half-open probe). The terminal: a successful reconnect closes it at once, so
-            # orders are not refused for 30 s after the terminal is back.
+            # One breaker for every actor: a successful reconnect or probe by the supervisor
+            # is its half-open probe and closes it (DESIGN.md section 4).
             breaker = BreakerConfig(threshold=v["breaker_threshold"], open_s=v["breaker_open_s"],
                                     probe_timeout_s=max(v["probe_timeout_s"],
-                                                        v["call_timeout_s"]),
-                                    close_on_observed_success=section != "questdb")
+                                                        v["call_timeout_s"]))
         if section == "questdb":
             retry = tuple(v["retry_delays_s"])
         if v["max_attempts"] < 1:
@@ -291,6 +369,7 @@ class RuntimeConfig:
             connect_timeout_s=v["connect_timeout_s"],
             shutdown_timeout_s=v["shutdown_timeout_s"],
             queue_limit=v["queue_limit"],
+            stable_s=v["stable_s"],
             retry_delays_s=retry,
             breaker=breaker,
         )

@@ -144,27 +144,46 @@ class Failure:
     connection: bool = False
     # A more precise ``Response.reason`` than the code's default (e.g. "retcode_10018").
     reason: str | None = None
+    # Seconds until asking again makes sense (a refusal: ERROR, an open breaker).
+    retry_after: float | None = None
+
+    def info(self, actor: str | None, state: str | None) -> ErrorInfo:
+        """The caller's view: this failure, which actor, in which state."""
+        return ErrorInfo(self.code, self.message, actor, state, self.retry_after)
 
 
-class ActorFailure(Exception):
-    """Raised inside an actor to report a classified failure (never reaches callers)."""
+class CallFailed(Exception):
+    """A call ended without a value: the one exception of the call path, carrying its
+    ``Failure`` unchanged from where it arose (the gate, the breaker, the actor's
+    ``classify``, the deadline) to ``ActorRef.call``, which answers it as a ``Response``.
+    An actor's ``handle`` may raise it too, already classified. Never reaches callers."""
 
     def __init__(self, failure: Failure) -> None:
         super().__init__(failure.message)
         self.failure = failure
 
 
+ActorFailure = CallFailed  # its earlier name
+
+
 _DSN_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s:]*(:[^/@\s]*)?@")
 _PASSWORD_KV = re.compile(r"(?i)\b(password|passwd|pwd|token)\s*[=:]\s*('[^']*'|\"[^\"]*\"|\S+)")
+WITHHELD = "*** (details withheld: they contained a credential)"
 
 
 def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
-    """Remove credentials from ``text``: DSN user:password@, password=..., known secrets."""
+    """Remove credentials from ``text``.
+
+    Credential fields go whole, whatever their value: a DSN's ``user:password@`` and
+    ``password=...``. A known secret anywhere else withholds the whole text, not just the
+    secret: replacing it in place (``'xx *** yy'``) would confirm a guess that a caller
+    managed to get echoed into an error message, and show where in the guess the secret
+    sits. Withholding the whole text still answers "did some of this contain the secret?"
+    (docs/operations.md, Security, says where that remains)."""
     text = _DSN_CREDENTIALS.sub(r"\g<scheme>***@", text)
     text = _PASSWORD_KV.sub(lambda m: f"{m.group(1)}=***", text)
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
+    if any(secret and secret in text for secret in secrets):
+        return WITHHELD
     return text
 
 
@@ -177,4 +196,4 @@ def describe(exc: BaseException) -> str:
 def operation_message(operation: str, detail: str, secrets: tuple[str, ...] = ()) -> str:
     """``"<operation> failed: <detail>"`` with secrets removed; never empty."""
     detail = detail.strip() or "unknown error"
-    return redact(f"{operation} failed: {detail}", secrets)
+    return f"{redact(operation, secrets)} failed: {redact(detail, secrets)}"

@@ -10,6 +10,11 @@ The status rule (docs/operations.md, "Health"):
 * per actor, ``<name>:connection``: CONNECTED -> pass; RECONNECTING or DISCONNECTED -> warn;
   ERROR -> fail. The cache's check is ``cache:entries`` (observedValue: the entry count).
 * per breaker, ``<name>:circuit``: CLOSED -> pass; HALF_OPEN or OPEN -> warn.
+* per check an actor reports itself (a ``check_changed`` notice), ``<name>:<check>``: its own
+  status and output (e.g. ``events_store:table`` fails while the table's WAL is suspended).
+* ``eventlog:writable``: fail while the event log cannot be written (full or read-only
+  disk: events wait in memory, unpublished), warn after the log was lost, replaced or found
+  with unreadable lines; a failing log makes the overall status **fail**.
 * overall: **fail** (HTTP 503) when every essential actor present (``mt5``, ``questdb``) is
   in ERROR: the runtime can serve nothing but cached answers; else **warn** when any check
   is not pass (an actor reconnecting or in ERROR, a breaker open: that is also when degraded
@@ -25,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from supervision.clock import iso
+from supervision.eventlog import LogCondition
 
 if TYPE_CHECKING:
     from supervision.runtime import Runtime
@@ -37,6 +43,7 @@ STATE_STATUS = {"CONNECTED": "pass", "RECONNECTING": "warn", "DISCONNECTED": "wa
                 "ERROR": "fail"}
 BREAKER_STATUS = {"CLOSED": "pass", "HALF_OPEN": "warn", "OPEN": "warn"}
 HTTP_STATUS = {"pass": 200, "warn": 200, "fail": 503}
+EVENTLOG_CHECK = "eventlog:writable"
 
 try:  # read once at import: the document itself must not touch the disk
     RELEASE_ID = metadata.version("mt5-supervisor")
@@ -100,8 +107,25 @@ def health_document(rt: Runtime) -> tuple[int, dict[str, Any]]:
                 circuit["output"] = f"circuit {breaker}: calls to {name} fail fast"
                 problems.append(f"{name} circuit {breaker}")
             checks[f"{name}:circuit"] = [circuit]
+        for check_name, own in (row.get("checks") or {}).items():
+            # The actor's own checks (check_changed notices), e.g. events_store:table.
+            entry: dict[str, Any] = {
+                "componentId": name, "componentType": "component",
+                "status": own["status"], "time": now, "since": own["since"],
+                "affectedEndpoints": []}
+            if own.get("output"):
+                entry["output"] = own["output"]
+            if own["status"] != "pass":
+                problems.append(f"{name}:{check_name} {own['status']}")
+            checks[f"{name}:{check_name}"] = [entry]
+    eventlog = _eventlog_check(sup.log.condition(), now)
+    checks[EVENTLOG_CHECK] = [eventlog]
+    if eventlog["status"] != "pass":
+        problems.append(eventlog["output"])
     statuses = [c["status"] for entries in checks.values() for c in entries]
     overall = overall_status(states, statuses)
+    if eventlog["status"] == "fail":
+        overall = "fail"  # events are not being logged: nothing downstream can be trusted
     doc: dict[str, Any] = {
         "status": overall,
         "version": RELEASE_ID.split(".")[0],
@@ -113,6 +137,20 @@ def health_document(rt: Runtime) -> tuple[int, dict[str, Any]]:
         doc["output"] = "; ".join(problems)
     doc["checks"] = checks
     return HTTP_STATUS[overall], doc
+
+
+def _eventlog_check(cond: LogCondition, now: str) -> dict[str, Any]:
+    """``eventlog:writable``: fail while events cannot be written (they wait in memory),
+    warn after a lost, replaced or damaged log (docs/operations.md, "Runbook")."""
+    check: dict[str, Any] = {
+        "componentId": "eventlog", "componentType": "component", "status": cond.status,
+        "observedValue": cond.pending, "observedUnit": "events waiting", "time": now,
+        "lastSeq": cond.last_seq, "affectedEndpoints": []}
+    if cond.dropped:
+        check["dropped"] = cond.dropped
+    if cond.output:
+        check["output"] = cond.output
+    return check
 
 
 def _output(state: str, last_error: dict[str, Any] | None) -> str:

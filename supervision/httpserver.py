@@ -32,6 +32,7 @@ from prometheus_client.core import (
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from supervision import web
 from supervision.control.jsonrpc import dumps
 from supervision.health import CONTENT_TYPE as HEALTH_CONTENT_TYPE
 from supervision.states import ConnectionState
@@ -72,6 +73,9 @@ class RuntimeMetrics:
     control_rate_limited: int = 0
     control_oversized: int = 0
     control_slow_clients_closed: int = 0
+    control_idle_closed: int = 0
+    control_auth_failures: int = 0
+    control_auth_throttled: int = 0
     call_latency: dict[tuple[str, str], _Histogram] = attrs.field(factory=dict)
 
     def observe_call(self, actor: str, status: str, seconds: float) -> None:
@@ -133,6 +137,7 @@ class RuntimeCollector(Collector):
                 for b in BREAKER_STATES:
                     breaker.add_metric([name, b], 1.0 if view.breaker == b else 0.0)
         yield from (state, up, restarts, attempt, waiting, degraded, breaker)
+        yield from _actor_checks_and_figures(sup)
 
         yield CounterMetricFamily(f"{PREFIX}_events", "Supervision events published",
                                   value=float(sup.events_total))
@@ -162,6 +167,12 @@ class RuntimeCollector(Collector):
                                                        "oversized message"),
             ("control_slow_clients_closed", m.control_slow_clients_closed,
              "Connections closed because the client stopped reading"),
+            ("control_idle_closed", m.control_idle_closed,
+             "Connections closed for idling (no request, no subscription)"),
+            ("control_auth_failures", m.control_auth_failures,
+             "Wrong tokens (handshake header or auth call)"),
+            ("control_auth_throttled", m.control_auth_throttled,
+             "Token checks refused because the source failed too often"),
         ):
             yield CounterMetricFamily(f"{PREFIX}_{name}", text, value=float(value))
 
@@ -179,11 +190,33 @@ class RuntimeCollector(Collector):
         yield latency
 
 
+def _actor_checks_and_figures(sup: Any) -> Iterator[Metric]:
+    """What actors report about themselves: their named checks (check_changed notices) and
+    the numbers in their status_extra() (e.g. events_store's lag), generically."""
+    checks = GaugeMetricFamily(f"{PREFIX}_actor_check",
+                               "1 for the status of an actor's own check, else 0",
+                               labels=["actor", "check", "status"])
+    figures = GaugeMetricFamily(f"{PREFIX}_actor_figure",
+                                "Numeric figures an actor reports in its status (extra)",
+                                labels=["actor", "figure"])
+    for name, child in list(sup.children.items()):
+        for check, own in child.view.checks.items():
+            for status in ("pass", "warn", "fail"):
+                checks.add_metric([name, check, status],
+                                  1.0 if own["status"] == status else 0.0)
+        for key, value in child.actor.status_extra().items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                figures.add_metric([name, key], float(value))
+    yield from (checks, figures)
+
+
 def make_app(rt: Runtime) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
-    """The ASGI application: GET/HEAD /health and /metrics; 404 elsewhere; 405 otherwise."""
+    """The ASGI application: GET/HEAD /health, /metrics and the operator's page (``/``,
+    its files and ``/ui/config.json``); 404 elsewhere; 405 otherwise."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RuntimeCollector(rt))
     ProcessCollector(registry=registry)
+    page_assets = web.load_assets()  # the operator's page (supervision/web/), read once
 
     async def respond(send: Send, status: int, body: bytes, content_type: str,
                       head: bool = False, extra: list[tuple[bytes, bytes]] | None = None
@@ -203,19 +236,35 @@ def make_app(rt: Runtime) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
                 elif message["type"] == "lifespan.shutdown":
                     await send({"type": "lifespan.shutdown.complete"})
                     return
+        if scope["type"] == "websocket":
+            # Refused before the upgrade with a plain HTTP answer (the ASGI denial-response
+            # extension); returning without one makes Hypercorn answer 500.
+            await receive()  # websocket.connect
+            body = b"no WebSocket here: the control channel is a separate port\n"
+            await send({"type": "websocket.http.response.start", "status": 400,
+                        "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "websocket.http.response.body", "body": body})
+            return
         if scope["type"] != "http":
             return
         path, method = scope["path"], scope["method"]
         text = "text/plain; charset=utf-8"
-        if path not in ("/health", "/metrics"):
-            await respond(send, 404, b"not found: try /health or /metrics\n", text)
+        if path not in ("/health", "/metrics", web.CONFIG_PATH, *page_assets):
+            await respond(send, 404, b"not found: try /, /health or /metrics\n", text)
             return
         if method not in ("GET", "HEAD"):
             await respond(send, 405, b"method not allowed: use GET\n", text,
                           extra=[(b"allow", b"GET, HEAD")])
             return
         head = method == "HEAD"
-        if path == "/health":
+        if path in page_assets:
+            asset = page_assets[path]
+            await respond(send, 200, asset.body, asset.content_type, head,
+                          extra=web.security_headers(rt))
+        elif path == web.CONFIG_PATH:
+            await respond(send, 200, web.config_body(rt), "application/json", head)
+        elif path == "/health":
             status, doc = rt.health()
             await respond(send, status, (dumps(doc) + "\n").encode(), HEALTH_CONTENT_TYPE,
                           head)

@@ -15,14 +15,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
-from supervision.cell import CallRejected
-from supervision.errors import ErrorCode, ErrorInfo, Response
+from supervision.errors import CallFailed, ErrorInfo, Response
 from supervision.events import EventKind
 from supervision.messages import Notice
 
 if TYPE_CHECKING:
+    from supervision.cell import ActorCell
     from supervision.clock import WallClock
-    from supervision.supervisor import Child
 
 
 class LastKnownGood(Protocol):
@@ -50,8 +49,22 @@ def cache_key(actor: str, op: str, args: Mapping[str, Any]) -> Hashable:
 CallObserver = Callable[[str, str, str, float], None]  # actor, op, status, seconds
 
 
+class ChildHandle(Protocol):
+    """What a ref holds: the child's name and its current cell (the supervisor's
+    ``Child``)."""
+
+    name: str
+
+    @property
+    def cell(self) -> ActorCell: ...
+
+
 class ActorRef:
-    def __init__(self, child: Child, lkg: LastKnownGood | None, wallclock: WallClock,
+    """A caller's handle on one child. It talks to the child only through the cell's public
+    surface (``bind``, ``call``, ``notify``, ``restart``, ``state``): the child's cell is
+    replaced when it crashes, so the ref looks it up on every use."""
+
+    def __init__(self, child: ChildHandle, lkg: LastKnownGood | None, wallclock: WallClock,
                  observers: list[CallObserver] | None = None) -> None:
         self._child = child
         self._lkg = lkg
@@ -63,40 +76,45 @@ class ActorRef:
     def state(self) -> str:
         return str(self._child.cell.state)
 
+    async def restart(self, reason: str = "operator") -> None:
+        """Ask the child to reconnect now with a fresh budget (an operator restart)."""
+        await self._child.cell.restart(reason)
+
     async def call(self, op: str, args: Mapping[str, Any] | None = None, *,
                    timeout_s: float | None = None) -> Response:
         cell = self._child.cell
-        args = args or {}
-        now = trio.current_time()
-        timeout = cell.settings.call_timeout_s if timeout_s is None else timeout_s
-        if not timeout > 0:
-            return self._observed(op, now, Response.failure(ErrorInfo(
-                ErrorCode.INVALID_REQUEST, f"{op} failed: timeout_s must be > 0",
-                self.name, str(cell.state))))
-        spec = cell.actor.ops.get(op)
-        remember = spec is not None and spec.cacheable and self._lkg is not None
+        started = trio.current_time()
+        lkg: LastKnownGood | None = None  # where this call's answer is remembered
         try:
-            value = await cell.call(op, args, now + timeout)
-        except CallRejected as rejected:
-            info = rejected.info
-            reason = rejected.reason
+            call = cell.bind(op, args or {}, timeout_s, started)
+            if call.spec.cacheable:
+                lkg = self._lkg
+            value = await cell.call(call)
+        except CallFailed as exc:
+            failure = exc.failure
         else:
-            if remember:
-                self._lkg.remember(cache_key(self.name, op, args), value,  # type: ignore[union-attr]
-                                   trio.current_time())
+            if lkg is not None:
+                lkg.remember(cache_key(self.name, op, call.args), value, trio.current_time())
             response = Response(status="ok", data=value)
-            return self._observed(op, now, response) if self._observers else response
-        if remember:
-            later = trio.current_time()
-            hit = self._lkg.recall(cache_key(self.name, op, args), later)  # type: ignore[union-attr]
-            if hit is not None:
-                value, fetched_at = hit
-                cell._notice_nowait(Notice(
-                    self.name, str(EventKind.DEGRADED_SERVED), later,
-                    error=info, data={"op": op, "age_s": round(later - fetched_at, 6)}))
-                return self._observed(op, now, Response.degraded(
-                    value, self._wallclock.wall(fetched_at), info))
-        return self._observed(op, now, Response.failure(info, reason))
+            return self._observed(op, started, response) if self._observers else response
+        info = failure.info(self.name, str(cell.state))
+        if lkg is not None:
+            degraded = self._degraded(lkg, op, call.args, cell, info)
+            if degraded is not None:
+                return self._observed(op, started, degraded)
+        return self._observed(op, started, Response.failure(info, failure.reason))
+
+    def _degraded(self, lkg: LastKnownGood, op: str, args: Mapping[str, Any],
+                  cell: ActorCell, info: ErrorInfo) -> Response | None:
+        """The last-known-good answer to a failed cacheable read, if there is one."""
+        now = trio.current_time()
+        hit = lkg.recall(cache_key(self.name, op, args), now)
+        if hit is None:
+            return None
+        value, fetched_at = hit
+        cell.notify(Notice(self.name, str(EventKind.DEGRADED_SERVED), now, error=info,
+                           data={"op": op, "age_s": round(now - fetched_at, 6)}))
+        return Response.degraded(value, self._wallclock.wall(fetched_at), info)
 
     def _observed(self, op: str, started: float, response: Response) -> Response:
         """Tell the call observers (metrics) how the call went."""

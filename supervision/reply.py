@@ -4,14 +4,25 @@ Why not a memory channel per request: a request/reply round trip should cost abo
 raw channel ping-pong costs. The caller parks itself once with ``wait_task_rescheduled``; the
 actor reschedules it with the outcome. If the caller is cancelled (its deadline passed) the
 slot is marked abandoned and a late reply is dropped.
+
+A slot the handler never answered holds a ``NoAnswer`` marker instead of an exception: the
+call path turns each into its ``Failure`` (one exception type, ``CallFailed``, carries
+failures; these are only control flow, and cheaper than raising).
 """
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 import outcome
 import trio
+
+
+class NoAnswer(enum.Enum):
+    DEADLINE_PASSED = "deadline passed"  # set by the deadline watchdog
+    NOT_RUN = "not run"  # reached the mailbox's front after its session ended: back to the gate
+    CELL_ENDED = "cell ended"  # the cell is gone; nobody will answer
 
 
 class Reply:
@@ -19,10 +30,10 @@ class Reply:
 
     def __init__(self) -> None:
         self._task: trio.lowlevel.Task | None = None
-        self._outcome: outcome.Outcome | None = None
+        self._outcome: outcome.Outcome[Any] | None = None
         self.abandoned = False
 
-    def set(self, result: outcome.Outcome) -> None:
+    def set(self, result: outcome.Outcome[Any]) -> None:
         if self.abandoned or self._outcome is not None:
             return
         if self._task is not None:

@@ -14,21 +14,32 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any, overload
 
+import attrs
 import trio
 
-from supervision.config import RuntimeConfig
+from supervision.config import ConfigError, RuntimeConfig
 from supervision.errors import ErrorCode, ErrorInfo, Response
 from supervision.eventlog import EventLog
 from supervision.ref import ActorRef
 from supervision.settings import ActorSettings
 from supervision.states import ConnectionState
-from supervision.supervisor import ChildSpec, EscalateHook, Supervisor
+from supervision.supervisor import (
+    ChildSpec,
+    EscalateHook,
+    Subtree,
+    Supervisor,
+    SupervisorSpec,
+)
+
+if TYPE_CHECKING:
+    from actors.mt5.api import Mt5Ref
 
 log = logging.getLogger("mt5_supervisor.runtime")
 
 DEFAULT_ACTORS = ("cache", "questdb", "mt5")
+EMBEDDED_DB = "embedded_db"  # the embedded PostgreSQL server's child (no questdb.dsn)
 
 
 class Runtime:
@@ -40,7 +51,12 @@ class Runtime:
         self.store = store  # the cache actor's TtlCache
         self.events = supervisor.bus
         self.simulator: Any = None  # the MT5 TerminalSimulator, when that backend is used
+        # Per terminal actor ("mt5", "mt5-NAME"): where sim.inject goes (the simulator, or
+        # the TerminalHost of the process it runs in), and the hosts to close at shutdown.
+        self.simulators: dict[str, Any] = {}
+        self.terminal_hosts: list[Any] = []
         self.embedded_db: Any = None  # the EmbeddedPostgres, when no DSN is configured
+        self.embedded: Any = None  # its EmbeddedDatabase (secrets, roles, fault hold)
         self.started_at = trio.current_time()
         self._shutdown = trio.Event()
         self._servers: list[trio.CancelScope] = []
@@ -49,8 +65,14 @@ class Runtime:
 
     # ------------------------------------------------------------------ actors
     @property
-    def mt5(self) -> Any:
-        return self.supervisor.ref("mt5")
+    def mt5(self) -> Mt5Ref:
+        """The ``[mt5]`` terminal: the MetaTrader5 functions as typed async methods."""
+        return self.supervisor.ref("mt5")  # type: ignore[return-value]
+
+    def terminal(self, name: str) -> Mt5Ref:
+        """The ``[mt5.terminals.NAME]`` terminal (actor ``mt5-NAME``); "mt5" for [mt5]."""
+        actor = name if name == "mt5" or name.startswith("mt5-") else f"mt5-{name}"
+        return self.supervisor.ref(actor)  # type: ignore[return-value]
 
     @property
     def questdb(self) -> Any:
@@ -74,8 +96,20 @@ class Runtime:
 
         return health_document(self)
 
-    async def start_child(self, spec: ChildSpec) -> ActorRef:
+    @overload
+    async def start_child(self, spec: ChildSpec) -> ActorRef: ...
+    @overload
+    async def start_child(self, spec: SupervisorSpec) -> Subtree: ...
+
+    async def start_child(self, spec: ChildSpec | SupervisorSpec) -> ActorRef | Subtree:
+        """Add an actor (returns its ``ActorRef``) or a nested supervisor with its own
+        children and strategy (returns its ``Subtree``) to the tree."""
         return await self.supervisor.start_child(spec)
+
+    def nudge(self, name: str, reason: str = "nudge") -> None:
+        """The resource behind ``name`` is back (e.g. a supervised database restarted):
+        reconnect or probe now instead of at the next scheduled attempt or probe."""
+        self.supervisor.nudge(name, reason)
 
     async def restart(self, name: str) -> None:
         if name not in self.supervisor.children:
@@ -84,10 +118,17 @@ class Runtime:
 
     async def call(self, actor: str, op: str, args: dict[str, Any] | None = None,
                    timeout_s: float | None = None) -> Response:
+        """The control channel's entry point. Free-form SQL arriving here is marked so the
+        ``questdb`` actor runs it on its own pool under the least-privilege query role."""
         if actor not in self.supervisor.children:
             return Response.failure(ErrorInfo(ErrorCode.INVALID_REQUEST,
                                               f"{op} failed: no actor named {actor!r}"))
-        return await self.ref(actor).call(op, args or {}, timeout_s=timeout_s)
+        args = args or {}
+        from actors.questdb.actor import QuestdbActor, mark_via_control
+
+        if isinstance(self.supervisor.children[actor].actor, QuestdbActor):
+            args = mark_via_control(args)
+        return await self.ref(actor).call(op, args, timeout_s=timeout_s)
 
     # ------------------------------------------------------------------ fault injection
     async def inject(self, fault: str, *, actor: str = "mt5", duration_s: float | None = None,
@@ -95,38 +136,57 @@ class Runtime:
         """Simulator and test-server faults (``sim.inject``). ``mt5``: the simulator's faults;
         ``questdb``: ``db_stop`` / ``db_kill`` / ``db_start`` on the embedded server (a
         ``duration_s`` restarts it afterwards). Raises ``ValueError`` for what cannot be done."""
-        if actor == "mt5":
-            if self.simulator is None:
-                raise ValueError("sim.inject needs the MT5 simulator backend")
+        if actor == "mt5" or actor.startswith("mt5-"):
+            simulator = self.simulators.get(actor)
+            if simulator is None:
+                raise ValueError("sim.inject needs the MT5 simulator backend" + (
+                    "" if actor in self.supervisor.children or actor == "mt5"
+                    else f" (no MT5 terminal actor named {actor!r})"))
             from actors.mt5.simulator import SIMULATOR_FAULTS
 
             if fault not in SIMULATOR_FAULTS:
                 raise ValueError(f"unknown simulator fault {fault!r}; one of "
                                  f"{', '.join(sorted(SIMULATOR_FAULTS))}")
-            self.simulator.inject(fault, duration_s=duration_s, **params)
+            done = simulator.inject(fault, duration_s=duration_s, **params)
+            if done is not None:  # the process worker's host forwards it over its pipe
+                await done
             return
         if actor == "questdb":
-            db = self.embedded_db
-            if db is None:
+            # db_stop holds the server down (its supervisor does not restart it) until
+            # db_start/clear or duration_s; db_kill is a crash, which the embedded_db
+            # child notices and restarts by itself.
+            embedded = self.embedded
+            if embedded is None:
                 raise ValueError("database faults need the embedded PostgreSQL server")
-            actions = {"db_stop": db.stop, "db_kill": db.kill, "db_start": db.start,
-                       "clear": db.start}
-            if fault not in actions:
+            db = embedded.server
+            faults = ("db_stop", "db_kill", "db_start", "clear")
+            if fault not in faults:
                 raise ValueError(f"unknown database fault {fault!r}; one of "
-                                 f"{', '.join(sorted(actions))}")
-            if fault in ("db_start", "clear") and db.is_running():
+                                 f"{', '.join(sorted(faults))}")
+            if fault in ("db_start", "clear"):
+                await self._release_db()
                 return
-            await trio.to_thread.run_sync(actions[fault])
-            if duration_s is not None and fault in ("db_stop", "db_kill"):
+            if fault == "db_stop":
+                embedded.held = True
+            await trio.to_thread.run_sync(db.stop if fault == "db_stop" else db.kill)
+            if duration_s is not None:
                 assert self._nursery is not None
                 self._nursery.start_soon(self._restart_db_after, duration_s)
             return
         raise ValueError(f"no faults can be injected into {actor!r}")
 
+    async def _release_db(self) -> None:
+        """End a db_stop hold: the embedded_db child starts the server at once (it alone
+        starts it, so two starts never race)."""
+        embedded = self.embedded
+        embedded.held = False
+        if self.state(EMBEDDED_DB) != ConnectionState.CONNECTED:
+            await self.supervisor.restart_child(EMBEDDED_DB, "database released")
+
     async def _restart_db_after(self, delay_s: float) -> None:
         await trio.sleep(delay_s)
-        if self.embedded_db is not None and not self.embedded_db.is_running():
-            await trio.to_thread.run_sync(self.embedded_db.start)
+        if self.embedded is not None:
+            await self._release_db()
 
     # ------------------------------------------------------------------ shutdown
     def request_shutdown(self) -> None:
@@ -166,9 +226,12 @@ async def open_runtime(
     config = config or RuntimeConfig.load()
     state_dir = config.state_dir
     state_dir.mkdir(parents=True, exist_ok=True)
-    event_log = EventLog(state_dir / "events.jsonl", fsync=config["runtime"]["fsync"])
+    event_log = EventLog(state_dir / "events.jsonl", fsync=config["runtime"]["fsync"],
+                         buffer=config["runtime"]["log_buffer"])
     event_log.open()
-    store = TtlCache(ttl_s=config["cache"]["ttl_s"], max_entries=config["cache"]["max_entries"])
+    cache = config["cache"]
+    store = TtlCache(ttl_s=cache["ttl_s"], max_entries=cache["max_entries"],
+                     max_bytes=cache["max_bytes"], max_entry_bytes=cache["max_entry_bytes"])
     try:
         async with trio.open_nursery() as nursery:
             sup = Supervisor(log=event_log, lkg=store, on_escalate=on_escalate,
@@ -182,7 +245,7 @@ async def open_runtime(
                     ref_class=CacheRef))
                 if config["questdb"]["enabled"]:
                     await _start_questdb(rt)
-                if config["mt5"]["enabled"]:
+                if config["mt5"]["enabled"] or config.terminals:
                     await _start_mt5(rt)
                 if config["questdb"]["enabled"] and config["questdb"]["persist_events"]:
                     await _start_event_store(rt)
@@ -206,7 +269,8 @@ async def open_runtime(
 
 
 def _shutdown_bound(config: RuntimeConfig) -> float:
-    per_actor = [config[s]["shutdown_timeout_s"] + 1.0 for s in DEFAULT_ACTORS]
+    per_actor = [config[s]["shutdown_timeout_s"] + 1.0 for s in DEFAULT_ACTORS] + [
+        t["shutdown_timeout_s"] + 1.0 for t in config.terminals.values()]
     return sum(per_actor) + 30.0  # + the embedded database's own stop
 
 
@@ -214,6 +278,8 @@ async def _close(rt: Runtime) -> None:
     # Actors first, while the control channel is still up: subscribers see the final
     # state changes, and the closing bus ends their subscriptions with events.closed.
     await rt.supervisor.shutdown()
+    for host in rt.terminal_hosts:
+        await host.aclose()  # the terminals' worker processes, now that their actors are stopped
     await trio.sleep(0.05)  # let the forwarders queue their last notifications
     for scope in reversed(rt._servers):
         scope.cancel()  # each connection flushes its queue, then closes with 1001
@@ -228,11 +294,12 @@ async def _start_questdb(rt: Runtime) -> None:
     config = rt.config
     q = config["questdb"]
     dsn = q["dsn"]
+    query_dsn: str | None = None
     if not dsn:
-        dsn = await _start_embedded_db(rt)
+        dsn, query_dsn = await _start_embedded_db(rt)
     await rt.supervisor.start_child(ChildSpec(
-        "questdb", lambda: QuestdbActor(dsn, config), settings=config.actor_settings("questdb"),
-        ref_class=QuestdbRef))
+        "questdb", lambda: QuestdbActor(dsn, config, query_dsn=query_dsn),
+        settings=config.actor_settings("questdb"), ref_class=QuestdbRef))
 
 
 async def _start_event_store(rt: Runtime) -> None:
@@ -248,24 +315,55 @@ async def _start_event_store(rt: Runtime) -> None:
     ))
 
 
-async def _start_embedded_db(rt: Runtime) -> str:
-    from actors.questdb.pgserver import EmbeddedPostgres
+async def _start_embedded_db(rt: Runtime) -> tuple[str, str]:
+    """The embedded server as a supervised child of its own, started before ``questdb``
+    (docs/operations.md, Security). Returns the runtime role's and the query role's DSNs."""
+    from actors.questdb.embedded_db import EmbeddedDatabase, EmbeddedDbActor
+    from actors.questdb.pgserver import EmbeddedPostgresError
 
-    db = EmbeddedPostgres(rt.config.state_dir / "postgres")
-    rt.embedded_db = db
+    q = rt.config["questdb"]
     try:
-        await trio.to_thread.run_sync(db.start)
-    except Exception:
-        # The questdb actor will report the database as unavailable and keep probing.
-        log.exception("the embedded PostgreSQL server did not start")
-    return db.dsn
+        embedded = EmbeddedDatabase(rt.config.state_dir,
+                                    statement_timeout_s=q["query_statement_timeout_s"])
+    except EmbeddedPostgresError as exc:  # a damaged secrets file: the operator must act
+        raise ConfigError(str(exc)) from None
+    rt.embedded, rt.embedded_db = embedded, embedded.server
+    start_timeout_s = 30.0
+
+    def questdb_now() -> None:
+        # The server is back: the questdb actor reconnects (or probes) now, not at its next
+        # scheduled attempt or 30 s probe.
+        if "questdb" in rt.supervisor.children:
+            rt.nudge("questdb", "database restarted")
+
+    settings = attrs.evolve(rt.config.actor_settings("questdb"), breaker=None,
+                            retry_delays_s=(), connect_timeout_s=start_timeout_s + 10.0)
+    await rt.supervisor.start_child(ChildSpec(
+        EMBEDDED_DB,
+        lambda: EmbeddedDbActor(embedded, start_timeout_s=start_timeout_s,
+                                liveness_timeout_s=min(2.0, q["probe_timeout_s"]),
+                                on_restarted=questdb_now),
+        settings=settings))
+    return embedded.runtime_dsn, embedded.query_dsn
 
 
 async def _start_mt5(rt: Runtime) -> None:
     from actors.mt5.actor import Mt5Ref, make_mt5_actor
 
     config = rt.config
-    actor, simulator = make_mt5_actor(config)
-    rt.simulator = simulator
-    await rt.supervisor.start_child(ChildSpec(
-        "mt5", lambda: actor, settings=config.actor_settings("mt5"), ref_class=Mt5Ref))
+    # A fresh instance on every (re)start; unresolved orders live in the factory's ledger.
+    # [mt5] is "mt5"; each [mt5.terminals.NAME] is "mt5-NAME", with its own worker process,
+    # ledger, breaker and backoff.
+    names = (["mt5"] if config["mt5"]["enabled"] else []) + [
+        f"mt5-{t}" for t, keys in config.terminals.items() if keys["enabled"]]
+    for name in names:
+        terminal = make_mt5_actor(config, name)
+        rt.simulators[name] = terminal.simulator
+        if terminal.host is not None:
+            rt.terminal_hosts.append(terminal.host)
+            await terminal.host.start()  # its worker process, outside the connect deadline
+        settings = (config.actor_settings("mt5") if name == "mt5"
+                    else config.terminal_settings(name.removeprefix("mt5-")))
+        await rt.supervisor.start_child(ChildSpec(
+            name, terminal.make, settings=settings, ref_class=Mt5Ref))
+    rt.simulator = rt.simulators.get("mt5")

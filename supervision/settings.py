@@ -21,6 +21,8 @@ class ActorSettings:
     connect_timeout_s: float = 10.0
     shutdown_timeout_s: float = 5.0
     escalate_timeout_s: float = 5.0
+    # The restart budget is fresh again only after this long CONNECTED (flapping escalates).
+    stable_s: float = 30.0
     # Calls waiting for a RECONNECTING actor; more are refused at once.
     queue_limit: int = 1000
     # Call-level retries of connection errors for idempotent operations (QuestDB: 0.1/0.5/1.0).

@@ -13,6 +13,11 @@ Rules:
 * The first connect on start does not spend the budget: attempts are numbered 1..max after a
   failure, so a resource that never comes back is tried at t+1, t+3, t+7 (base 1 s, factor 2)
   and escalates to ERROR at the third failure; then it is probed every ``health_interval_s``.
+* Reset after stability: every reconnect attempt spends budget, whether it fails or succeeds,
+  and the budget is fresh again only once the connection has stayed up ``stable_s`` (see
+  ``supervision.budget``). A loss sooner continues the schedule where it stood, and a loss
+  after the last attempt escalates (``FAILURE_DETECTED_LAST``, the second guard): a resource
+  that connects and dies again and again reaches ERROR like one that never connects.
 * ``STOP`` is accepted in every state and always leads to DISCONNECTED.
 """
 
@@ -37,6 +42,7 @@ class Input(enum.Enum):
     CONNECT_OK = "connect_ok"  # the first connect on start succeeded
     CONNECT_FAILED = "connect_failed"  # the first connect on start failed
     FAILURE_DETECTED = "failure_detected"  # a call or the liveness probe found it dead
+    FAILURE_DETECTED_LAST = "failure_detected_last"  # refined: lost before stable, none left
     ATTEMPT_OK = "attempt_ok"  # reconnect attempt n succeeded
     ATTEMPT_FAILED = "attempt_failed"  # reconnect attempt n failed, budget left
     ATTEMPT_FAILED_LAST = "attempt_failed_last"  # refined: the last attempt failed
@@ -47,7 +53,8 @@ class Input(enum.Enum):
 
 
 class Action(enum.Enum):
-    RESET_BUDGET = "reset_budget"
+    RESET_BUDGET = "reset_budget"  # a fresh budget now
+    MARK_CONNECTED = "mark_connected"  # start the stability clock (fresh budget after stable_s)
     SCHEDULE_ATTEMPT = "schedule_attempt"  # next attempt after the backoff delay
     ATTEMPT_NOW = "attempt_now"  # operator restart: attempt 1 at once, fresh budget
     ESCALATE = "escalate"  # event + on_escalate hook
@@ -61,17 +68,21 @@ A = Action
 
 # (from state, input) -> (to state, actions). The whole machine.
 TRANSITIONS: dict[tuple[ConnectionState, Input], tuple[ConnectionState, tuple[Action, ...]]] = {
-    (S.DISCONNECTED, Input.CONNECT_OK): (S.CONNECTED, (A.RESET_BUDGET,)),
     # A fresh budget: DISCONNECTED may follow a STOP that left the budget spent.
+    (S.DISCONNECTED, Input.CONNECT_OK): (S.CONNECTED, (A.RESET_BUDGET, A.MARK_CONNECTED)),
     (S.DISCONNECTED, Input.CONNECT_FAILED): (
         S.RECONNECTING,
         (A.RESET_BUDGET, A.SCHEDULE_ATTEMPT),
     ),
     (S.CONNECTED, Input.FAILURE_DETECTED): (S.RECONNECTING, (A.RELEASE, A.SCHEDULE_ATTEMPT)),
-    (S.RECONNECTING, Input.ATTEMPT_OK): (S.CONNECTED, (A.RESET_BUDGET,)),
+    (S.CONNECTED, Input.FAILURE_DETECTED_LAST): (
+        S.ERROR,
+        (A.RELEASE, A.ESCALATE, A.SCHEDULE_PROBE),
+    ),
+    (S.RECONNECTING, Input.ATTEMPT_OK): (S.CONNECTED, (A.MARK_CONNECTED,)),
     (S.RECONNECTING, Input.ATTEMPT_FAILED): (S.RECONNECTING, (A.SCHEDULE_ATTEMPT,)),
     (S.RECONNECTING, Input.ATTEMPT_FAILED_LAST): (S.ERROR, (A.ESCALATE, A.SCHEDULE_PROBE)),
-    (S.ERROR, Input.PROBE_OK): (S.CONNECTED, (A.RESET_BUDGET, A.RECOVERED)),
+    (S.ERROR, Input.PROBE_OK): (S.CONNECTED, (A.MARK_CONNECTED, A.RECOVERED)),
     (S.ERROR, Input.PROBE_FAILED): (S.ERROR, (A.SCHEDULE_PROBE,)),
     (S.ERROR, Input.OPERATOR_RESTART): (S.RECONNECTING, (A.RESET_BUDGET, A.ATTEMPT_NOW)),
     (S.CONNECTED, Input.OPERATOR_RESTART): (
@@ -103,15 +114,31 @@ class ConnectionStatus:
     since: float = 0.0
 
 
-def initial(policy: BackoffPolicy, now: float = 0.0) -> ConnectionStatus:
-    return ConnectionStatus(budget=RestartBudget(max_attempts=policy.max_attempts), since=now)
+def initial(policy: BackoffPolicy, now: float = 0.0, *, stable_s: float = 30.0
+            ) -> ConnectionStatus:
+    return ConnectionStatus(
+        budget=RestartBudget(max_attempts=policy.max_attempts, stable_s=stable_s), since=now)
 
 
-def refine(status: ConnectionStatus, event: Input) -> Input:
-    """The one guard: is this failed attempt the last one the budget allows?"""
+def _budget_for(status: ConnectionStatus, event: Input, now: float) -> RestartBudget:
+    """The budget the input is judged against: a loss of the connection first asks whether
+    it had been stable; an attempt, whatever its outcome, spends one."""
+    budget = status.budget
+    if event is Input.FAILURE_DETECTED and status.state is S.CONNECTED:
+        return budget.after_loss(now)
+    if event in (Input.ATTEMPT_FAILED, Input.ATTEMPT_OK) and status.state is S.RECONNECTING:
+        return budget.charge()
+    return budget
+
+
+def refine(status: ConnectionStatus, event: Input, now: float) -> Input:
+    """The guards: does this failure spend the last of the budget?"""
     if event is Input.ATTEMPT_FAILED and status.state is S.RECONNECTING:
         if status.budget.charge().exhausted:
             return Input.ATTEMPT_FAILED_LAST
+    if event is Input.FAILURE_DETECTED and status.state is S.CONNECTED:
+        if status.budget.after_loss(now).exhausted:
+            return Input.FAILURE_DETECTED_LAST
     return event
 
 
@@ -124,19 +151,19 @@ def step(
     health_interval_s: float,
     rand: float = 0.5,
 ) -> tuple[ConnectionStatus, tuple[Action, ...]]:
-    event = refine(status, event)
+    refined = refine(status, event, now)
     try:
-        target, actions = TRANSITIONS[(status.state, event)]
+        target, actions = TRANSITIONS[(status.state, refined)]
     except KeyError:
-        raise InvalidTransition(f"{event.value} is not allowed in {status.state}") from None
+        raise InvalidTransition(f"{refined.value} is not allowed in {status.state}") from None
 
-    budget = status.budget
-    if event in (Input.ATTEMPT_FAILED, Input.ATTEMPT_FAILED_LAST):
-        budget = budget.charge()
+    budget = _budget_for(status, event, now)
     attempt, next_at, delay = 0, None, None
     for action in actions:
         if action is A.RESET_BUDGET:
             budget = budget.reset()
+        elif action is A.MARK_CONNECTED:
+            budget = budget.connected(now)
         elif action is A.SCHEDULE_ATTEMPT:
             attempt = budget.used + 1
             delay = policy.delay(attempt, rand)

@@ -5,63 +5,94 @@ Shape of the tree (all structured; every task has an owner nursery):
     Supervisor.run
     ├── event pump           numbers messages (seq), updates the status view, appends to the
     │                        log, then publishes to the bus; it never waits for subscribers
-    └── children nursery
-        ├── child "cache"    its own cancel scope; ActorCell.run (driver, mailbox, session)
+    └── Subtree.run          the top supervisor node: its children nursery
+        ├── child "cache"    its own cancel scope; ActorCell.run (driver, instances, session)
         ├── child "questdb"
-        └── child "mt5"      ...started in order, each after the previous one's first
-                             connect attempt resolved
+        ├── child "mt5"      ...started in order, each after the previous one's first
+        │                    connect attempt resolved
+        └── Subtree "bot"    a nested supervisor (``SupervisorSpec``): its own children
+            ├── child "feed"   nursery and strategy; events go through the one pump above,
+            └── child "algo"   so ``seq`` stays gap-free runtime-wide
 
-Strategies: ``one_for_one`` (default) restarts only the failed child; ``rest_for_one`` also
-restarts every child started after it (its dependants). A child's crash — even a bug in
-the cell — never takes down a sibling or the tree: the child task catches it, reports it as
-an ERROR with ``INTERNAL`` and is started again after ``health_interval_s``.
+Strategies (OTP's, ``Strategy``): ``one_for_one`` (default) leaves siblings alone;
+``one_for_all`` stops every other running sibling, ``rest_for_one`` every sibling started
+after the failed one, in reverse start order, then starts them again (fresh instances from
+their factories) in start order. The trigger is a child leaving CONNECTED for a failure. The
+failed child itself reconnects on its own backoff schedule rather than being started afresh:
+its restart budget must survive, or a flapping child would never escalate. A failure stays
+inside its node: a nested supervisor's child never stops the parent's other children.
 
-Shutdown is ordered and bounded: children stop in reverse start order, each given its
-``shutdown_timeout_s`` to release its resource, then cancelled.
+A child's crash — even a bug in the cell — never takes down a sibling or the tree: the child
+task catches it, reports it as an ERROR with ``INTERNAL`` and starts a fresh cell after
+``health_interval_s``.
+
+Shutdown is ordered and bounded: children stop in reverse start order (a nested node stops
+its own children the same way), each given its ``shutdown_timeout_s`` to release its
+resource, then cancelled.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, overload
 
 import attrs
 import trio
 
-from supervision.actor import Actor
+from supervision.actor import Actor, RestartType
 from supervision.bus import EventBus
 from supervision.cell import ActorCell
 from supervision.clock import WallClock, iso
 from supervision.errors import ErrorCode, ErrorInfo
 from supervision.eventlog import EventLog
 from supervision.events import Event, EventKind
-from supervision.messages import Message, Notice, StateChanged
+from supervision.messages import CHECK_CHANGED, Message, Notice, StateChanged
 from supervision.ref import ActorRef, CallObserver, LastKnownGood
 from supervision.settings import ActorSettings
 from supervision.states import ConnectionState
 
 log = logging.getLogger("mt5_supervisor.supervisor")
 
-RESTART_TYPES = ("permanent", "transient", "temporary")
+RESTART_TYPES = tuple(str(t) for t in RestartType)
 RESOURCE_ERROR_KINDS = frozenset({
     EventKind.STATE_CHANGED, EventKind.ATTEMPT_FAILED, EventKind.PROBE_FAILED,
     EventKind.ESCALATED, EventKind.ACTOR_STOPPED})
-STRATEGIES = ("one_for_one", "rest_for_one")
+
+
+class Strategy(enum.StrEnum):
+    ONE_FOR_ONE = "one_for_one"
+    ONE_FOR_ALL = "one_for_all"
+    REST_FOR_ONE = "rest_for_one"
+
+
+STRATEGIES = tuple(str(s) for s in Strategy)
 EscalateHook = Callable[[str, ErrorInfo | None], Awaitable[None] | None]
 
 
 @attrs.frozen
 class ChildSpec:
     name: str
+    # Called for every (re)start: each connect attempt runs a fresh instance.
     factory: Callable[[], Actor]
-    restart: str = attrs.field(default="permanent",
-                               validator=attrs.validators.in_(RESTART_TYPES))
+    # The enum, or its value as a string (accepted for compatibility).
+    restart: RestartType = attrs.field(default=RestartType.PERMANENT, converter=RestartType)
     settings: ActorSettings = attrs.field(factory=ActorSettings)
     # Overrides the actor's own probe() (e.g. a bot's custom liveness check).
     probe: Callable[[Actor], Awaitable[None]] | None = None
     on_escalate: EscalateHook | None = None
     ref_class: type[ActorRef] = ActorRef
+
+
+@attrs.frozen
+class SupervisorSpec:
+    """A nested supervisor: its children (leaves or nodes) start in order under its own
+    strategy. Actor names are unique across the whole runtime."""
+
+    name: str
+    children: Sequence[ChildSpec | SupervisorSpec] = attrs.field(default=(), converter=tuple)
+    strategy: Strategy = attrs.field(default=Strategy.ONE_FOR_ONE, converter=Strategy)
 
 
 @attrs.define
@@ -76,19 +107,36 @@ class ChildStatus:
     next_retry_at: str | None = None
     breaker: str | None = None
     degraded_served: int = 0
+    # The actor's own named checks (check_changed notices): name -> {status, output, since}.
+    checks: dict[str, dict[str, Any]] = attrs.field(factory=dict)
 
 
 class Child:
-    def __init__(self, spec: ChildSpec, actor: Actor, cell: ActorCell) -> None:
+    def __init__(self, spec: ChildSpec, cell: ActorCell, node: Subtree) -> None:
         self.spec = spec
         self.name = spec.name
-        self.actor = actor
         self.cell = cell
+        self.node = node  # the supervisor node it belongs to
+        self.earlier_restarts = 0  # reconnect attempts made by its earlier cells
         self.view = ChildStatus(spec.name, breaker="CLOSED" if cell.breaker else None)
         self.scope = trio.CancelScope()
         self.done = trio.Event()
         self.ref: ActorRef | None = None
         self.crashes = 0
+
+    @property
+    def actor(self) -> Actor:
+        """The current instance (a new one on every connect attempt)."""
+        return self.cell.actor
+
+    @property
+    def restarts(self) -> int:
+        return self.earlier_restarts + self.cell.restarts
+
+    @property
+    def running(self) -> bool:
+        """Its cell is live (not stopped, exited, or crashed and waiting to start again)."""
+        return not self.done.is_set() and not self.cell.ended
 
 
 class Supervisor:
@@ -97,29 +145,30 @@ class Supervisor:
         *,
         log: EventLog,
         wallclock: WallClock | None = None,
-        strategy: str = "one_for_one",
+        strategy: Strategy | str = Strategy.ONE_FOR_ONE,
         on_escalate: EscalateHook | None = None,
         lkg: LastKnownGood | None = None,
         subscriber_buffer: int = 1000,
         name: str = "supervisor",
     ) -> None:
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        try:
+            strategy = Strategy(strategy)
+        except ValueError:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}") from None
         self.log = log
         self.bus = EventBus(log, default_buffer=subscriber_buffer)
         self.wallclock = wallclock or WallClock.anchored_now()
-        self.strategy = strategy
         self.on_escalate = on_escalate
         self.lkg = lkg
         self.name = name
+        # Every actor of the tree (nested ones too), by name, in start order.
         self.children: dict[str, Child] = {}
-        self._order: list[str] = []
+        self.tree = Subtree(self, name, strategy)  # the top node
+        self.subtrees: dict[str, Subtree] = {}  # nested nodes, by name
         self._next_seq = log.last_seq + 1
         self._send, self._recv = trio.open_memory_channel[Message](4096)
-        self._children_nursery: trio.Nursery | None = None
         self._stop_requested = trio.Event()
         self._stopped = trio.Event()
-        self._stopping = False
         self.events_total = 0
         # Called after every ActorRef call: (actor, op, status, seconds). For metrics.
         self.call_observers: list[CallObserver] = []
@@ -128,6 +177,10 @@ class Supervisor:
     def state(self, name: str) -> ConnectionState:
         return self.children[name].view.state
 
+    @property
+    def strategy(self) -> Strategy:
+        return self.tree.strategy
+
     def ref(self, name: str) -> ActorRef:
         ref = self.children[name].ref
         assert ref is not None
@@ -135,19 +188,19 @@ class Supervisor:
 
     def status(self) -> list[dict[str, Any]]:
         out = []
-        for name in self._order:
-            child = self.children[name]
+        for name, child in list(self.children.items()):
             v = child.view
             out.append({
                 "name": name,
                 "state": str(v.state),
-                "restarts": child.cell.restarts,
+                "restarts": child.restarts,
                 "attempt": v.attempt,
                 "last_error": v.last_error,
                 "since": v.since,
                 "next_retry_at": v.next_retry_at,
                 "breaker": v.breaker,
                 **({"extra": child.actor.status_extra()} if child.actor.status_extra() else {}),
+                **({"checks": {k: dict(c) for k, c in v.checks.items()}} if v.checks else {}),
             })
         return out
 
@@ -157,16 +210,15 @@ class Supervisor:
         async with trio.open_nursery() as outer:
             outer.start_soon(self._pump)
             try:
-                async with trio.open_nursery() as children:
-                    self._children_nursery = children
+                async with trio.open_nursery() as nodes:
                     await self.emit(Notice(self.name, str(EventKind.RUNTIME_STARTED),
                                            trio.current_time()))
+                    await nodes.start(self.tree.run)
                     task_status.started(self)
                     await self._stop_requested.wait()
-                    await self._stop_children()
-                    children.cancel_scope.cancel()
+                    await self.tree.stop()
+                    nodes.cancel_scope.cancel()
             finally:
-                self._children_nursery = None
                 try:
                     self._send.send_nowait(Notice(self.name, str(EventKind.RUNTIME_STOPPED),
                                                   trio.current_time()))
@@ -184,45 +236,61 @@ class Supervisor:
     async def emit(self, message: Message) -> None:
         await self._send.send(message)
 
-    async def start_child(self, spec: ChildSpec) -> ActorRef:
-        if self._children_nursery is None or self._stopping:
-            raise RuntimeError("the supervisor is not running")
-        if spec.name in self.children:
-            raise ValueError(f"a child named {spec.name!r} already exists")
-        child = self._new_child(spec)
-        self.children[spec.name] = child
-        self._order.append(spec.name)
-        child.ref = spec.ref_class(child, self.lkg, self.wallclock, self.call_observers)
-        await self._children_nursery.start(self._child_main, child)
-        return child.ref
+    @overload
+    async def start_child(self, spec: ChildSpec) -> ActorRef: ...
+    @overload
+    async def start_child(self, spec: SupervisorSpec) -> Subtree: ...
+
+    async def start_child(self, spec: ChildSpec | SupervisorSpec) -> ActorRef | Subtree:
+        """Start a child of the top node: an actor (returns its ``ActorRef``) or a nested
+        supervisor (returns its ``Subtree``; ``subtree.start_child`` adds to it)."""
+        return await self.tree.start_child(spec)
+
+    def subtree(self, name: str) -> Subtree:
+        return self.subtrees[name]
 
     async def restart_child(self, name: str, reason: str = "operator") -> None:
         """Operator restart: a running child reconnects with a fresh budget; a child that
         has stopped (a temporary or transient child that exited, or after ``stop_child``)
-        is started again."""
+        is started again, as a fresh instance."""
         child = self.children[name]
         if not child.done.is_set():
             await child.cell.restart(reason)
             return
-        if self._children_nursery is None or self._stopping:
+        if not child.node.running:
             raise RuntimeError("the supervisor is not running")
-        child.cell = self._new_cell(child.spec, child.actor)
+        await child.node.start_member(child)
+
+    async def stop_child(self, name: str, reason: str = "shutdown") -> None:
+        await self._stop_one(self.children[name], reason)
+
+    def nudge(self, name: str, reason: str = "nudge") -> None:
+        """The resource behind ``name`` is probably back: try now instead of waiting for the
+        scheduled attempt or probe (while CONNECTED: probe now). Never blocks."""
+        child = self.children[name]
+        if child.running:
+            child.cell.nudge(reason)
+
+    def _claim(self, name: str) -> None:
+        if name in self.children or name in self.subtrees:
+            raise ValueError(f"a child named {name!r} already exists")
+
+    def _new_child(self, spec: ChildSpec, node: Subtree) -> Child:
+        child = Child(spec, self._new_cell(spec), node)
+        child.ref = spec.ref_class(child, self.lkg, self.wallclock, self.call_observers)
+        return child
+
+    def _renew(self, child: Child) -> None:
+        """A fresh cell (and so a fresh instance) for a child that has ended."""
+        child.earlier_restarts += child.cell.restarts
+        child.cell = self._new_cell(child.spec)
         child.scope = trio.CancelScope()
         child.done = trio.Event()
-        await self._children_nursery.start(self._child_main, child)
 
-    async def stop_child(self, name: str) -> None:
-        child = self.children[name]
-        await self._stop_one(child)
-
-    def _new_child(self, spec: ChildSpec) -> Child:
-        actor = spec.factory()
-        actor.name = spec.name
-        return Child(spec, actor, self._new_cell(spec, actor))
-
-    def _new_cell(self, spec: ChildSpec, actor: Actor) -> ActorCell:
-        return ActorCell(actor, spec.settings, self.emit, restart=spec.restart,
-                         on_escalate=self._escalate_hook(spec), probe=spec.probe)
+    def _new_cell(self, spec: ChildSpec) -> ActorCell:
+        return ActorCell(spec.factory, spec.settings, self.emit, name=spec.name,
+                         restart=spec.restart, on_escalate=self._escalate_hook(spec),
+                         probe=spec.probe)
 
     def _escalate_hook(self, spec: ChildSpec) -> EscalateHook | None:
         hooks = [h for h in (spec.on_escalate, self.on_escalate) if h is not None]
@@ -247,15 +315,15 @@ class Supervisor:
                 started = True
                 task_status.started()
 
-        class _Status:
-            def started(self, value: object = None) -> None:
+        class _Status(trio.TaskStatus[None]):
+            def started(self, value: None = None) -> None:
                 mark_started()
 
         try:
             with child.scope:
                 while True:
                     try:
-                        await child.cell.run(task_status=_Status())  # type: ignore[arg-type]
+                        await child.cell.run(task_status=_Status())
                         return
                     except Exception as exc:  # a bug in the cell or in actor.lifetime()
                         child.crashes += 1
@@ -269,18 +337,22 @@ class Supervisor:
                                                      "crashed", info, now,
                                                      next_at=now + interval))
                         mark_started()
-                        if self._stopping or child.spec.restart == "temporary":
+                        if (child.node.stopping
+                                or child.spec.restart is RestartType.TEMPORARY):
                             return
                         await trio.sleep(interval)
-                        child.cell = self._new_cell(child.spec, child.actor)
+                        child.earlier_restarts += child.cell.restarts
+                        child.cell = self._new_cell(child.spec)
         finally:
             mark_started()
             child.done.set()
 
-    async def _stop_one(self, child: Child) -> None:
+    async def _stop_one(self, child: Child, reason: str = "shutdown") -> None:
         bound = child.spec.settings.shutdown_timeout_s + 1.0
+        if child.cell.ended:  # crashed, waiting to start again: nothing to release
+            child.scope.cancel()
         with trio.move_on_after(bound):
-            await child.cell.stop("shutdown")
+            await child.cell.stop(reason)
             await child.done.wait()
             return
         log.warning("child %s did not stop within %.1f s; cancelling", child.name, bound)
@@ -288,20 +360,22 @@ class Supervisor:
         with trio.move_on_after(bound):
             await child.done.wait()
 
-    async def _stop_children(self) -> None:
-        self._stopping = True
-        for name in reversed(self._order):
-            await self._stop_one(self.children[name])
-
     # ------------------------------------------------------------------ the event pump
     async def _pump(self) -> None:
         async with self._recv:
             while True:
-                try:
-                    first = await self._recv.receive()
-                except trio.EndOfChannel:
-                    break
-                batch = [first]
+                batch: list[Message] = []
+                # Wake for the log too: a retry while the disk refuses writes, or an idle
+                # check that the file is still there.
+                with trio.move_on_at(self.log.wake_at):
+                    try:
+                        first = await self._recv.receive()
+                    except trio.EndOfChannel:
+                        break
+                    batch = [first]
+                if not batch:
+                    self._publish([])
+                    continue
                 while len(batch) < 512:
                     try:
                         batch.append(self._recv.receive_nowait())
@@ -312,21 +386,43 @@ class Supervisor:
 
     def _publish(self, batch: list[Message]) -> None:
         now = trio.current_time()
-        events = []
+        durable = self._log_batch(batch, now)
+        # What the log reports about itself (write failed/resumed, file replaced) is logged
+        # like any other event, right behind the batch that revealed it.
+        notices: list[Message] = [Notice(self.name, kind, now, data=data)
+                                  for kind, data in self.log.take_notices()]
+        if notices:
+            durable += self._log_batch(notices, now)
+        # Only what the log holds is published (DESIGN.md section 5): while the disk refuses
+        # writes, events wait in the log's bounded buffer and are published, in order, once
+        # written. The status view is updated regardless, so health stays truthful.
+        self.bus.publish(durable)
+        for message in batch:
+            if _is_failure(message):
+                child = self.children.get(message.actor)
+                if child is not None:
+                    child.node.child_failed(child)
+
+    def _log_batch(self, batch: list[Message], now: float) -> list[Event]:
+        """Number, view, append; returns what became durable. Past the log's memory bound
+        a message updates the view but is not numbered (counted as dropped): seq never has
+        a hole and is never reused."""
+        events: list[Event] = []
+        room = self.log.room()
         for message in batch:
             event = self._number(message)
             self._apply_view(message, event)
-            events.append(event)
-        self.log.append(events, now)
+            if len(events) < room:
+                events.append(event)
+                self._next_seq += 1
+            else:
+                self.log.drop(event)
         self.events_total += len(events)
-        self.bus.publish(events)
-        if self.strategy == "rest_for_one":
-            for message in batch:
-                self._rest_for_one(message)
+        return self.log.append(events, now)
 
     def _number(self, message: Message) -> Event:
+        """The event ``message`` becomes at the next seq (taken by the caller)."""
         seq = self._next_seq
-        self._next_seq += 1
         # ts is when it happened. Notices queued from callers' tasks can be logged a moment
         # after a later state change, so ts may step back slightly in seq order: seq is the
         # order, ts the time (exact, so schedules can be read off the log).
@@ -373,15 +469,155 @@ class Supervisor:
             view.breaker = (message.data or {}).get("to")
         elif kind == EventKind.DEGRADED_SERVED:
             view.degraded_served += 1
+        elif kind == CHECK_CHANGED and message.data and "check" in message.data:
+            d = message.data
+            view.checks[str(d["check"])] = {"status": d.get("status", "warn"),
+                                            "output": d.get("output", ""),
+                                            "since": iso(event.ts)}
 
-    def _rest_for_one(self, message: Message) -> None:
-        if not (isinstance(message, StateChanged) and message.from_state == "CONNECTED"
-                and message.to_state in ("RECONNECTING", "ERROR")):
+
+def _is_failure(message: Message) -> bool:
+    """Did a child just leave CONNECTED because of a failure (the strategies' trigger)?"""
+    return (isinstance(message, StateChanged) and message.from_state == "CONNECTED"
+            and message.to_state in ("RECONNECTING", "ERROR"))
+
+
+class Subtree:
+    """One supervisor node (OTP's supervisor): its direct children in start order, its
+    strategy and the nursery their tasks live in. The top node belongs to ``Supervisor``;
+    nested ones come from a ``SupervisorSpec``. Every node sends through the root's pump."""
+
+    def __init__(self, root: Supervisor, name: str, strategy: Strategy | str,
+                 specs: Sequence[ChildSpec | SupervisorSpec] = ()) -> None:
+        self.root = root
+        self.name = name
+        self.strategy = Strategy(strategy)
+        self.members: list[Member] = []
+        self._pending = list(specs)
+        self.nursery: trio.Nursery | None = None
+        self.stopping = False
+        self.done = trio.Event()
+        self._stop_requested = trio.Event()
+        self._group = trio.Lock()  # one strategy restart at a time
+        self._group_scopes: set[trio.CancelScope] = set()
+        self._stop_reason = "shutdown"
+
+    @property
+    def running(self) -> bool:
+        return self.nursery is not None and not self.stopping
+
+    async def run(self, *, task_status: trio.TaskStatus[Subtree] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """The node's life: (re)start its members in order, wait for ``stop()``, stop them
+        in reverse order."""
+        self.stopping = False
+        self.done = trio.Event()
+        self._stop_requested = trio.Event()
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                for member in list(self.members):  # a node started again: same members
+                    if not self.stopping:
+                        await self.start_member(member)
+                pending, self._pending = self._pending, []
+                for spec in pending:
+                    if not self.stopping:
+                        await self.start_child(spec)
+                task_status.started(self)
+                await self._stop_requested.wait()
+                await self._stop_members()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.nursery = None
+            self.done.set()
+
+    async def stop(self, reason: str = "shutdown") -> None:
+        """Stop the members in reverse start order (each bounded), then end ``run``."""
+        if self.nursery is None:
             return
-        if message.actor not in self._order or self._children_nursery is None:
+        self.stopping = True
+        self._stop_reason = reason
+        for scope in list(self._group_scopes):
+            scope.cancel()
+        self._stop_requested.set()
+        await self.done.wait()
+
+    @overload
+    async def start_child(self, spec: ChildSpec) -> ActorRef: ...
+    @overload
+    async def start_child(self, spec: SupervisorSpec) -> Subtree: ...
+
+    async def start_child(self, spec: ChildSpec | SupervisorSpec) -> ActorRef | Subtree:
+        if self.nursery is None or self.stopping:
+            raise RuntimeError("the supervisor is not running")
+        root = self.root
+        root._claim(spec.name)
+        if isinstance(spec, SupervisorSpec):
+            node = Subtree(root, spec.name, spec.strategy, spec.children)
+            self.members.append(node)
+            root.subtrees[spec.name] = node
+            await self.nursery.start(node.run)
+            return node
+        child = root._new_child(spec, self)
+        self.members.append(child)
+        root.children[spec.name] = child  # before it runs: its first event names it
+        await self.nursery.start(root._child_main, child)
+        assert child.ref is not None
+        return child.ref
+
+    def ref(self, name: str) -> ActorRef:
+        return self.root.ref(name)
+
+    async def start_member(self, member: Member) -> None:
+        """Start a member that has ended, fresh: a new cell and instance for an actor, the
+        same members started again for a node."""
+        if self.nursery is None:
+            raise RuntimeError("the supervisor is not running")
+        if isinstance(member, Subtree):
+            await self.nursery.start(member.run)
             return
-        later = self._order[self._order.index(message.actor) + 1:]
-        for name in later:
-            cell = self.children[name].cell
-            if cell.state is ConnectionState.CONNECTED:
-                self._children_nursery.start_soon(cell.restart, f"rest_for_one:{message.actor}")
+        if not member.done.is_set():
+            return  # still live (or about to start itself again after a crash)
+        self.root._renew(member)
+        await self.nursery.start(self.root._child_main, member)
+
+    async def _stop_member(self, member: Member, reason: str) -> None:
+        if isinstance(member, Subtree):
+            await member.stop(reason)
+        else:
+            await self.root._stop_one(member, reason)
+
+    async def _stop_members(self) -> None:
+        reason = self._stop_reason
+        for member in reversed(self.members):
+            await self._stop_member(member, reason)
+
+    def child_failed(self, child: Child) -> None:
+        """The pump saw ``child`` leave CONNECTED for a failure: apply the strategy."""
+        if self.strategy is Strategy.ONE_FOR_ONE or not self.running or child not in self.members:
+            return
+        if self.strategy is Strategy.ONE_FOR_ALL:
+            affected = [m for m in self.members if m is not child]
+        else:
+            affected = self.members[self.members.index(child) + 1:]
+        affected = [m for m in affected if m.running]
+        if affected and self.nursery is not None:
+            self.nursery.start_soon(self._restart_group, child.name, affected)
+
+    async def _restart_group(self, cause: str, affected: list[Member]) -> None:
+        reason = f"{self.strategy}:{cause}"
+        with trio.CancelScope() as scope:
+            self._group_scopes.add(scope)
+            try:
+                async with self._group:
+                    for member in reversed(affected):
+                        await self._stop_member(member, reason)
+                    for member in affected:
+                        if self.stopping:
+                            return
+                        await self.start_member(member)
+            finally:
+                self._group_scopes.discard(scope)
+
+
+Member = Child | Subtree

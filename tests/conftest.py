@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.pg_fixtures"]
+pytest_plugins = ["tests.pg_fixtures", "tests.questdb_server"]

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -76,7 +77,10 @@ def base_sections(state_dir: Path, control_port: int, health_port: int
         "health": {"host": "127.0.0.1", "port": health_port},
         "supervisor": {"backoff_base_s": 0.2, "backoff_factor": 2.0, "max_attempts": 3,
                        "jitter": 0.0, "health_interval_s": 1.0, "probe_timeout_s": 1.0,
-                       "call_timeout_s": 2.0, "connect_timeout_s": 2.0},
+                       "call_timeout_s": 2.0, "connect_timeout_s": 2.0,
+                       # Up 1 s earns a fresh budget, so back-to-back faults each start
+                       # their own 0.2/0.4/0.8 s schedule (DESIGN 3, reset after stability).
+                       "stable_s": 1.0},
         # [questdb] has no dsn: the runtime starts its embedded PostgreSQL server itself.
         # Its breaker fails fast for breaker_open_s after opening (DESIGN: 30 s), even once
         # the database is back: a short window keeps recovery tests to seconds.
@@ -101,6 +105,18 @@ def scratch_state_dir() -> Path:
     path = Path(tempfile.mkdtemp(prefix="mt5sup-e2e-", dir=root or None))
     path.chmod(0o755)
     return path
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the test process dies (Linux).
+
+    A test run that is killed (a time-out, Ctrl-C twice) never reaches its ``finally``;
+    without this its runtime, and that runtime's database, would live on as orphans.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
 
 
 class RuntimeProcess:
@@ -153,7 +169,10 @@ class RuntimeProcess:
                 [sys.executable, "-m", "supervision.cli", "run", "--config",
                  str(self.config_path)],
                 cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                start_new_session=True)  # our signals only, never the terminal's Ctrl-C
+                start_new_session=True,  # our signals only, never the terminal's Ctrl-C
+                # PDEATHSIG follows the forking *thread*: only safe from the main one.
+                preexec_fn=(_die_with_parent if threading.current_thread()
+                            is threading.main_thread() else None))
         return self
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> dict[str, Any]:

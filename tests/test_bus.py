@@ -14,6 +14,7 @@ from supervision.bus import EventBus, Missed, Subscription
 from supervision.clock import WallClock
 from supervision.eventlog import iter_file
 from supervision.events import Event
+from supervision.settings import ActorSettings
 from supervision.supervisor import ChildSpec, Supervisor
 from tests.helpers import FlakyActor, FlakyResource, running_supervisor
 
@@ -27,7 +28,9 @@ def tree(path: Path, **log_kwargs: Any) -> AbstractAsyncContextManager[Superviso
 
 async def flap(sup: Supervisor, res: FlakyResource, *, flaps: int = 6) -> None:
     """The resource goes down and comes back, over and over; calls notice it."""
-    ref = await sup.start_child(ChildSpec("db", lambda: FlakyActor(res)))
+    # Up 20 s between outages: stable (stable_s 10), so each outage gets a fresh budget.
+    ref = await sup.start_child(ChildSpec("db", lambda: FlakyActor(res),
+                                          settings=ActorSettings(stable_s=10.0)))
     for k in range(flaps):
         await trio.sleep(20)
         await ref.call("read")

@@ -687,3 +687,85 @@ async def test_with_the_mt5_simulator(tmp_path) -> None:
             operator.close()
 
         await in_thread(client)
+
+
+# ---------------------------------------------------------------------------- hardening
+async def test_the_reserved_slots_admit_only_a_valid_bearer_header(tmp_path) -> None:
+    async with running(tmp_path, control={"max_connections": 2,
+                                          "reserved_connections": 1}) as rt:
+        def client() -> None:
+            crowd = [Client(control_url(rt)) for _ in range(2)]
+            with pytest.raises(InvalidStatus) as info:
+                Client(control_url(rt))
+            assert info.value.response.status_code == 503
+            with pytest.raises(InvalidStatus) as info:  # a wrong token gets no slot either
+                Client(control_url(rt), token="wrong")
+            assert info.value.response.status_code == 401
+            operator = Client(control_url(rt), token=TOKEN)  # the reserved slot
+            assert operator.result("actor.restart", {"actor": "cache"}) == {"ok": True}
+            with pytest.raises(InvalidStatus) as info:  # the reserve is bounded too
+                Client(control_url(rt), token=TOKEN)
+            assert info.value.response.status_code == 503
+            for c in (*crowd, operator):
+                c.close()
+
+        await in_thread(client)
+
+
+async def test_a_failed_auth_drops_the_privileges_of_a_bearer_header(tmp_path) -> None:
+    async with running(tmp_path) as rt:
+        def client() -> None:
+            c = Client(control_url(rt), token=TOKEN)
+            assert c.result("actor.restart", {"actor": "cache"}) == {"ok": True}
+            assert c.error("auth", {"token": "wrong"})["code"] == -32001
+            assert c.error("actor.restart", {"actor": "cache"})["code"] == -32001
+            assert c.result("auth", {"token": TOKEN}) == {"ok": True}
+            assert c.result("actor.restart", {"actor": "cache"}) == {"ok": True}
+            c.close()
+
+        await in_thread(client)
+
+
+async def test_wrong_tokens_are_throttled_per_address_across_connections(
+        tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(control_server, "AUTH_FAILURE_BURST", 3)
+    monkeypatch.setattr(control_server, "AUTH_FAILURES_PER_S", 0.01)  # no refill in a test
+    async with running(tmp_path) as rt:
+        def client() -> None:
+            first, second = Client(control_url(rt)), Client(control_url(rt))
+            assert first.error("auth", {"token": "a"})["code"] == -32001
+            assert second.error("auth", {"token": "b"})["code"] == -32001
+            assert first.error("auth", {"token": "c"})["code"] == -32001
+            # Budget spent: even the right token is not checked now, on any connection.
+            err = second.error("auth", {"token": TOKEN})
+            assert err["code"] == -32002 and err["data"]["retry_after"] > 0
+            assert second.error("actor.restart", {"actor": "cache"})["code"] == -32001
+            with pytest.raises(InvalidStatus) as info:
+                Client(control_url(rt), token=TOKEN)
+            assert info.value.response.status_code == 429
+            assert int(info.value.response.headers["Retry-After"]) >= 1
+            first.close()
+            second.close()
+
+        await in_thread(client)
+        metrics = metrics_for(rt)
+        assert (metrics.control_auth_failures, metrics.control_auth_throttled) == (3, 2)
+
+
+async def test_silent_and_idle_connections_are_closed_but_subscribers_are_not(
+        tmp_path) -> None:
+    async with running(tmp_path, control={"handshake_timeout_s": 0.3,
+                                          "idle_timeout_s": 0.6}) as rt:
+        def client() -> None:
+            silent = Client(control_url(rt))
+            operator = Client(control_url(rt), token=TOKEN)  # the token: no first-message limit
+            subscriber = Client(control_url(rt))
+            subscriber.result("events.subscribe", {})
+            assert silent.closed_code() == 1000
+            assert operator.closed_code() == 1000  # after idle_timeout_s
+            time.sleep(0.6)  # the subscriber has now been silent longer than idle_timeout_s
+            assert subscriber.result("runtime.status")["actors"]
+            subscriber.close()
+
+        await in_thread(client)
+        assert metrics_for(rt).control_idle_closed == 2

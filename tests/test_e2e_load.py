@@ -4,6 +4,7 @@
 process, one asyncio loop runs 100 ``websockets`` clients that send reads back to back
 (``runtime.status``, ``runtime.health``, ``actor.call`` of ``cache get``,
 ``questdb fetch`` and ``mt5 symbol_info_tick``); 10 of them also hold an event subscription.
+Free-form SQL needs the token (DESIGN section 6), so the clients send it on the handshake.
 One more client subscribes with ``since_seq=0`` and then never reads its socket (a tiny
 receive buffer, and the library's queue of one message, make it back up at once). Meanwhile
 the terminal crashes and goes through backoff to ERROR and back.
@@ -150,7 +151,9 @@ async def stalled_subscriber(url: str) -> tuple[ClientConnection, socket.socket]
 async def drive(rt: RuntimeProcess) -> dict[str, Any]:
     url = rt.ws_url
     stall_ws, stall_sock = await stalled_subscriber(url)
-    connections = await asyncio.gather(*(connect(url, open_timeout=30, max_queue=None)
+    bearer = {"Authorization": f"Bearer {TOKEN}"}  # questdb fetch needs it
+    connections = await asyncio.gather(*(connect(url, open_timeout=30, max_queue=None,
+                                                 additional_headers=bearer)
                                          for _ in range(CLIENTS)))
     clients = [LoadClient(ws, i) for i, ws in enumerate(connections)]
     heads = []

@@ -282,7 +282,8 @@ RUNNER = textwrap.dedent('''
 
     async def main(path):
         config = RuntimeConfig.load(path)
-        settings = ActorSettings(backoff_base_s=0.005, health_interval_s=60.0)
+        # stable_s=0: every flap counts as stable, so the stream never escalates to ERROR.
+        settings = ActorSettings(backoff_base_s=0.005, health_interval_s=60.0, stable_s=0.0)
         children = [ChildSpec(f"flapper{i}", Flapper, settings=settings) for i in range(3)]
         async with open_runtime(config, children=children):
             print("running", flush=True)

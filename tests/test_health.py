@@ -59,7 +59,7 @@ async def test_document_shape_when_everything_is_connected(tmp_path, autojump_cl
         assert "output" not in doc
         assert doc["serviceId"] == "mt5-supervisor" and doc["releaseId"]
         assert list(doc["checks"]) == ["cache:entries", "mt5:connection", "questdb:connection",
-                                       "questdb:circuit"]
+                                       "questdb:circuit", "eventlog:writable"]
         [mt5_check] = doc["checks"]["mt5:connection"]
         assert mt5_check["componentId"] == "mt5"
         assert mt5_check["componentType"] == "component"

@@ -17,7 +17,7 @@ from supervision.control.jsonrpc import (
     parse_request,
     validate_params,
 )
-from supervision.control.server import TokenBucket
+from supervision.control.server import AuthThrottle, TokenBucket
 
 
 def _error(text: str) -> RpcError:
@@ -118,7 +118,7 @@ def test_valid_params_fill_optionals_with_none() -> None:
     assert validate_params(spec, {"actor": "cache", "op": "get", "timeout_s": 2}) == {
         "actor": "cache", "op": "get", "args": None, "timeout_s": 2.0}
     assert validate_params(lookup_method("events.subscribe"), {"since_seq": None}) == {
-        "since_seq": None, "actors": None, "kinds": None}
+        "since_seq": None, "actors": None, "kinds": None, "batch": None}
 
 
 def test_mutating_methods_are_marked() -> None:
@@ -157,3 +157,71 @@ def test_token_bucket_below_one_per_second_still_admits_one() -> None:
     assert bucket.take(0.0)
     assert not bucket.take(1.0)
     assert bucket.take(2.0)
+
+
+@pytest.mark.parametrize("text, request_id", [
+    ('{"jsonrpc":"2.0","id":"\\ud800","method":"runtime.status"}', None),
+    ('{"jsonrpc":"2.0","id":3,"method":"x\\udfff"}', 3),
+    ('{"jsonrpc":"2.0","id":4,"method":"auth","params":{"tok\\ud800en":"a"}}', 4),
+    ('{"jsonrpc":"2.0","id":5,"method":"m","params":{"a":[{"b":"\\uDC00"}]}}', 5),
+])
+def test_a_lone_surrogate_is_an_invalid_request(text: str, request_id: int | None) -> None:
+    err = _error(text)
+    assert err.code == INVALID_REQUEST
+    assert err.request_id == request_id
+    assert "surrogate" in err.message
+    jsonrpc.error_message(err.request_id, err).encode("utf-8")  # the reply can be sent
+
+
+def test_a_surrogate_pair_is_one_character_and_passes() -> None:
+    req = parse_request('{"jsonrpc":"2.0","id":"\\ud83d\\ude00","method":"runtime.status"}')
+    assert req.id == "\N{GRINNING FACE}"
+
+
+def test_replies_with_a_lone_surrogate_are_still_valid_utf8_json() -> None:
+    text = jsonrpc.result_message("\ud800", {"name": "a\udc00b", "ok": "\N{GRINNING FACE}"})
+    text.encode("utf-8")  # would raise UnicodeEncodeError when sent
+    assert json.loads(text) == {"jsonrpc": "2.0", "id": "\ud800",
+                                "result": {"name": "a\udc00b", "ok": "\N{GRINNING FACE}"}}
+    plain = jsonrpc.result_message(1, {"ok": "é"})
+    assert "é" in plain  # valid text is still sent as is, not escaped
+
+
+def test_auth_throttle_allows_a_burst_of_failures_per_source_then_the_rate() -> None:
+    throttle = AuthThrottle(burst=3, rate=0.5)
+    assert throttle.retry_after("127.0.0.1", 0.0) is None  # an unknown source may try
+    for _ in range(3):
+        assert throttle.retry_after("127.0.0.1", 0.0) is None
+        throttle.failed("127.0.0.1", 0.0)
+    assert throttle.retry_after("127.0.0.1", 0.0) == pytest.approx(2.0)
+    assert throttle.retry_after("127.0.0.1", 1.0) == pytest.approx(1.0)
+    assert throttle.retry_after("10.0.0.7", 1.0) is None  # other sources are not charged
+    assert throttle.retry_after("127.0.0.1", 2.0) is None  # one more check after 1 / rate
+    throttle.failed("127.0.0.1", 2.0)
+    assert throttle.retry_after("127.0.0.1", 2.0) is not None
+
+
+def test_auth_throttle_remembers_a_bounded_number_of_sources(monkeypatch) -> None:
+    from supervision.control import server
+
+    monkeypatch.setattr(server, "AUTH_THROTTLE_SOURCES", 4)
+    throttle = AuthThrottle(burst=2, rate=1.0)
+    throttle.failed("a", 0.0)
+    throttle.failed("a", 0.0)  # "a" is out of budget: kept while others come and go
+    for i in range(20):
+        throttle.failed(f"other-{i}", 0.0)
+    assert len(throttle._buckets) <= 4
+    assert throttle.retry_after("a", 0.5) is not None  # spraying sources did not reset "a"
+
+
+def test_failed_tokens_are_charged_to_loopback_as_a_whole_and_to_an_ipv6_slash_64() -> None:
+    from trio_websocket import Endpoint
+
+    from supervision.control.server import _source
+
+    assert _source(Endpoint("127.0.0.1", 1, False)) == _source(Endpoint("127.9.8.7", 2, False))
+    assert _source(Endpoint("::1", 1, False)) == "loopback"
+    assert _source(Endpoint("10.1.2.3", 1, False)) == "10.1.2.3"
+    assert _source(Endpoint("::ffff:10.1.2.3", 1, False)) == "10.1.2.3"
+    assert _source(Endpoint("2001:db8::1", 1, False)) == _source(
+        Endpoint("2001:db8::ffff:1", 1, False)) == "2001:db8::/64"

@@ -27,7 +27,7 @@ import trio
 
 from actors.cache import TtlCache
 from actors.mt5 import codes as mt5
-from actors.mt5.actor import SIGNATURES, Mt5Actor, Mt5Ref
+from actors.mt5.actor import SIGNATURES, Mt5Actor, Mt5Ref, TerminalLedger
 from actors.mt5.simulator import MAX_BARS, TerminalSimulator
 from actors.mt5.types import OrderSendResult, Tick
 from actors.mt5.worker import WorkerLost
@@ -140,9 +140,10 @@ async def mt5_tree(tmp_path: Path, sim: TerminalSimulator, settings: ActorSettin
                    **actor_kwargs: Any) -> AsyncIterator[Tree]:
     backend = CountingBackend(sim)
     actors: list[Mt5Actor] = []
+    ledger = TerminalLedger()  # what outlives each fresh instance
 
     def factory() -> Mt5Actor:
-        actor = Mt5Actor(lambda: backend, inline=True, **actor_kwargs)
+        actor = Mt5Actor(lambda: backend, inline=True, ledger=ledger, **actor_kwargs)
         actors.append(actor)
         return actor
 
@@ -194,7 +195,8 @@ async def test_terminal_crash_outlasting_the_backoff_escalates_then_recovers_on_
         assert r.error.retry_after == pytest.approx(29.0)  # the next probe is at +37
         assert r.error.message == (
             "symbol_info_tick refused: mt5 is in ERROR (initialize failed: IPC initialize "
-            "failed, Process create failed (-10003))")
+            "failed, Process create failed 'C:\\Program Files\\MetaTrader 5\\terminal64.exe' "
+            "(-10003))")
 
         await trio.sleep_until(t0 + 38)
         assert t.sup.state("mt5") == "CONNECTED"
@@ -217,7 +219,8 @@ async def test_terminal_crash_outlasting_the_backoff_escalates_then_recovers_on_
         ]
         assert t.notices(t0) == []
         assert t.event(t0, "attempt_failed").error["message"] == (
-            "initialize failed: IPC initialize failed, Process create failed (-10003)")
+            "initialize failed: IPC initialize failed, Process create failed "
+            "'C:\\Program Files\\MetaTrader 5\\terminal64.exe' (-10003)")
         # start, three attempts, the probe; one shutdown, when the failure was detected
         assert t.backend.calls["initialize"] == 5
         assert t.backend.calls["shutdown"] == 1
@@ -434,13 +437,14 @@ async def test_broker_disconnect_is_BROKER_UNAVAILABLE_and_heals_without_reiniti
             "+7 state_changed RECONNECTING->CONNECTED (attempt 3 ok)",
         ]
         assert t.event(t0, "attempt_failed").error["message"] == (
-            "connect failed: terminal is not connected to the trade server")
-        # IPC was never torn down: one initialize (the start), no shutdown, one worker;
-        # the attempts only asked terminal_info whether the broker was back.
-        assert t.backend.calls["initialize"] == 1
+            "initialize failed: terminal is not connected to the trade server")
+        # Restarts are fresh (DESIGN 3): each attempt is a new instance with a new worker,
+        # which initializes and asks terminal_info whether the broker is back; a broker-only
+        # loss never shuts the terminal's IPC down.
+        assert t.backend.calls["initialize"] == 1 + 3
         assert t.backend.calls["shutdown"] == 0
         assert t.backend.calls["terminal_info"] == 1 + 3
-        assert t.actor.workers_started == 1
+        assert t.actor.workers_started == 1 + 3
         r = await t.ref.order_send(ORDER)
         assert r.ok and r.data.retcode == mt5.TRADE_RETCODE_DONE
         assert sim.orders_sent_count == 1
@@ -469,7 +473,7 @@ async def test_broker_disconnect_without_traffic_is_found_by_the_probe_and_heals
         ]
         assert t.event(t0, "probe_failed").error["message"] == (
             "terminal_info failed: terminal is not connected to the trade server")
-        assert t.backend.calls["initialize"] == 1
+        assert t.backend.calls["initialize"] == 1 + 3  # the start + a fresh instance per attempt
         assert t.backend.calls["shutdown"] == 0
 
 
@@ -716,21 +720,22 @@ async def test_an_order_that_cannot_be_reconciled_stays_unresolved_and_is_not_se
             "reconciled yet (IPC send failed, -10001)")
         assert t.backend.calls["order_send"] == 1  # not sent
         assert t.actor.status_extra()["unresolved_orders"] == ["EURUSD"]
-        await trio.sleep_until(t0 + 4)  # -10001: the terminal was re-attached meanwhile
+        await trio.sleep_until(t0 + 5)  # -10001: the terminal was re-attached meanwhile
         r = await t.ref.order_send(ORDER)
         assert r.ok and sim.orders_sent_count == 1
         await settle()
+        # The second loss came 1 s after the reconnect (not stable_s): attempt 2, after 2 s.
         assert t.timeline(t0) == [
             "+0 state_changed CONNECTED->RECONNECTING attempt=1 delay=1 ORDER_STATE_UNKNOWN "
             "(failure_detected)",
             "+0 backoff_scheduled attempt=1 delay=1",
             "+1 state_changed RECONNECTING->CONNECTED (attempt 1 ok)",
-            "+2 state_changed CONNECTED->RECONNECTING attempt=1 delay=1 ORDER_STATE_UNKNOWN "
+            "+2 state_changed CONNECTED->RECONNECTING attempt=2 delay=2 ORDER_STATE_UNKNOWN "
             "(failure_detected)",
-            "+2 backoff_scheduled attempt=1 delay=1",
-            "+3 state_changed RECONNECTING->CONNECTED (attempt 1 ok)",
+            "+2 backoff_scheduled attempt=2 delay=2",
+            "+4 state_changed RECONNECTING->CONNECTED (attempt 2 ok)",
         ]
-        assert t.notices(t0) == ["+4 order_reconciled EURUSD not_filled"]
+        assert t.notices(t0) == ["+5 order_reconciled EURUSD not_filled"]
 
 
 async def test_an_order_past_its_deadline_is_unknown_and_reconciled_before_the_next(
@@ -791,7 +796,7 @@ async def test_not_found_and_invalid_requests_leave_the_connection_alone(
 
         # A request the package refuses (-2, before it reaches the terminal) was never sent:
         # INVALID_REQUEST, not ORDER_STATE_UNKNOWN, and nothing is left to reconcile.
-        r = await t.ref.order_send({k: v for k, v in ORDER.items() if k != "volume"})
+        r = await t.ref.order_send({**ORDER, "volume": 1})  # the package wants a float
         assert r.error.code is E.INVALID_REQUEST
         assert r.error.message == 'order_send failed: Invalid "volume" argument (-2)'
         assert t.actor.status_extra()["unresolved_orders"] == []

@@ -17,7 +17,7 @@ from typing import Any
 import trio
 
 from actors.cache import TtlCache
-from actors.mt5.actor import SIGNATURES, Mt5Actor, Mt5Ref
+from actors.mt5.actor import SIGNATURES, Mt5Actor, Mt5Ref, TerminalLedger
 from actors.mt5.simulator import CallDelay, TerminalSimulator
 from actors.mt5.worker import ABANDONED
 from supervision.errors import ErrorCode
@@ -96,8 +96,10 @@ async def test_a_hung_terminal_call_is_abandoned_and_a_fresh_thread_takes_over(t
         rec = Recorder(sup)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(rec.run)
+            ledger = TerminalLedger()  # shared by the fresh instance of every restart
             ref = await sup.start_child(ChildSpec(
-                "mt5", lambda: Mt5Actor(lambda: backend, inline=False), settings=SETTINGS,
+                "mt5", lambda: Mt5Actor(lambda: backend, inline=False, ledger=ledger),
+                settings=SETTINGS,
                 ref_class=Mt5Ref))
             assert isinstance(ref, Mt5Ref)
             actor = sup.children["mt5"].actor
@@ -116,6 +118,8 @@ async def test_a_hung_terminal_call_is_abandoned_and_a_fresh_thread_takes_over(t
             await rec.wait_for(lambda e: e.kind == "state_changed"
                                and e.data["reason"] == "attempt 1 ok", timeout=5.0)
             assert ref.state == "CONNECTED"
+            actor = sup.children["mt5"].actor  # restarts are fresh: a new instance
+            assert isinstance(actor, Mt5Actor) and actor.worker is not None
             new_thread = actor.worker.thread
             assert new_thread.name != old_thread.name and new_thread.is_alive()
             assert old_thread.is_alive()  # still stuck in the terminal

@@ -40,6 +40,8 @@ from actors.mt5.types import (
     TradeOrder,
     TradePosition,
     TradeRequest,
+    field_names,
+    make,
 )
 
 NO_IPC = (mt5.RES_E_INTERNAL_FAIL_CONNECT, "No IPC connection")
@@ -158,40 +160,40 @@ def test_constants_have_the_packages_values() -> None:
 
 
 def test_named_tuples_have_the_real_fields_in_the_real_order() -> None:
-    assert TradeRequest._fields == (
+    assert field_names(TradeRequest) == (
         "action", "magic", "order", "symbol", "volume", "price", "stoplimit", "sl", "tp",
         "deviation", "type", "type_filling", "type_time", "expiration", "comment", "position",
         "position_by",
     )  # fmt: skip
-    assert OrderSendResult._fields == (
+    assert field_names(OrderSendResult) == (
         "retcode", "deal", "order", "volume", "price", "bid", "ask", "comment", "request_id",
         "retcode_external", "request",
     )  # fmt: skip
-    assert OrderCheckResult._fields == (
+    assert field_names(OrderCheckResult) == (
         "retcode", "balance", "equity", "profit", "margin", "margin_free", "margin_level",
         "comment", "request",
     )  # fmt: skip
-    assert Tick._fields == (
+    assert field_names(Tick) == (
         "time", "bid", "ask", "last", "volume", "time_msc", "flags", "volume_real",
     )  # fmt: skip
-    assert TradePosition._fields[:6] == ("ticket", "time", "time_msc", "time_update",
+    assert field_names(TradePosition)[:6] == ("ticket", "time", "time_msc", "time_update",
                                          "time_update_msc", "type")  # fmt: skip
-    assert TradePosition._fields[-4:] == ("profit", "symbol", "comment", "external_id")
-    assert TradeDeal._fields == (
+    assert field_names(TradePosition)[-4:] == ("profit", "symbol", "comment", "external_id")
+    assert field_names(TradeDeal) == (
         "ticket", "order", "time", "time_msc", "type", "entry", "magic", "position_id", "reason",
         "volume", "price", "commission", "swap", "profit", "fee", "symbol", "comment",
         "external_id",
     )  # fmt: skip
-    assert len(TradeOrder._fields) == 24 and TradeOrder._fields[9] == "state"
-    assert len(AccountInfo._fields) == 28 and AccountInfo._fields[-4:] == (
+    assert len(field_names(TradeOrder)) == 24 and field_names(TradeOrder)[9] == "state"
+    assert len(field_names(AccountInfo)) == 28 and field_names(AccountInfo)[-4:] == (
         "name", "server", "currency", "company",
     )  # fmt: skip
-    assert len(TerminalInfo._fields) == 22 and TerminalInfo._fields[2:5] == (
+    assert len(field_names(TerminalInfo)) == 22 and field_names(TerminalInfo)[2:5] == (
         "connected", "dlls_allowed", "trade_allowed",
     )  # fmt: skip
-    assert len(SymbolInfo._fields) == 96
-    assert SymbolInfo._fields[:4] == ("custom", "chart_mode", "select", "visible")
-    assert SymbolInfo._fields[-3:] == ("name", "page", "path")
+    assert len(field_names(SymbolInfo)) == 96
+    assert field_names(SymbolInfo)[:4] == ("custom", "chart_mode", "select", "visible")
+    assert field_names(SymbolInfo)[-3:] == ("name", "page", "path")
 
 
 def test_arrays_have_the_packages_numpy_dtypes(terminal: TerminalSimulator) -> None:
@@ -254,7 +256,7 @@ def test_every_call_after_shutdown_fails_with_no_ipc_connection(
     kwargs: dict[str, Any],
     failure: Any,
 ) -> None:
-    assert terminal.shutdown() is None
+    assert terminal.shutdown() is True
     assert getattr(terminal, name)(*args, **kwargs) is failure
     assert terminal.last_error() == NO_IPC
 
@@ -309,7 +311,7 @@ def test_last_error_is_not_reset_by_reading_it(terminal: TerminalSimulator) -> N
         (lambda t: t.symbol_info(), INVALID_ARGUMENTS),  # wrong arity: no TypeError
         (lambda t: t.symbol_info("EURUSD", "extra"), INVALID_ARGUMENTS),
         (lambda t: t.symbol_info_tick(None), INVALID_ARGUMENTS),
-        (lambda t: t.copy_rates_from_pos("EURUSD", "H1", 0, 10), INVALID_ARGUMENTS),
+        (lambda t: t.symbol_info("X" * 30), INVALID_ARGUMENTS),  # 29 characters at most
         (lambda t: t.copy_rates_from_pos("EURUSD", 12345, 0, 10), TERMINAL_INVALID_PARAMS),
         (lambda t: t.copy_rates_from_pos("EURUSD", 1, 0, 0), TERMINAL_INVALID_PARAMS),
         (lambda t: t.copy_rates_from_pos("EURUSD", 1, -1, 10), TERMINAL_INVALID_PARAMS),
@@ -318,10 +320,10 @@ def test_last_error_is_not_reset_by_reading_it(terminal: TerminalSimulator) -> N
         (lambda t: t.copy_ticks_range("EURUSD", NOW - 5, NOW, 99), TERMINAL_INVALID_PARAMS),
         (lambda t: t.copy_ticks_range("EURUSD", float("nan"), NOW, -1), INVALID_ARGUMENTS),
         (lambda t: t.history_deals_get(), INVALID_ARGUMENTS),
-        (lambda t: t.history_deals_get(NOW, NOW, "*EUR*"), INVALID_ARGUMENTS),
-        (lambda t: t.positions_get(ticket="1"), INVALID_ARGUMENTS),
-        (lambda t: t.symbol_select("EURUSD", "yes"), INVALID_ARGUMENTS),
-        (lambda t: t.login("123"), INVALID_ARGUMENTS),
+        (lambda t: t.history_deals_get(NOW, NOW, "*EUR*"), (-2, "Unnamed arguments not allowed")),
+        (lambda t: t.positions_get(ticket="1"), (-2, 'Invalid "ticket" argument')),
+        (lambda t: t.symbol_select("EURUSD", "yes", 1), INVALID_ARGUMENTS),
+        (lambda t: t.login("123"), (-2, "Invalid 1st unnamed argument")),
     ],
 )
 def test_bad_arguments_fail_with_invalid_params(
@@ -340,9 +342,9 @@ def test_positions_and_orders_refuse_unnamed_filters(terminal: TerminalSimulator
 
 def test_initialize_with_bad_arguments_fails(sim: TerminalSimulator) -> None:
     assert sim.initialize("path", 123) is False
-    assert sim.last_error() == INVALID_ARGUMENTS
+    assert sim.last_error() == (-2, "Invalid number of arguments")
     assert sim.initialize(login="123") is False
-    assert sim.last_error() == INVALID_ARGUMENTS
+    assert sim.last_error() == (-2, 'Invalid "login" argument')
     assert sim.symbol_info("EURUSD") is None  # still not attached
     assert sim.last_error() == NO_IPC
 
@@ -374,7 +376,7 @@ def test_unknown_symbols_are_not_found(terminal: TerminalSimulator) -> None:
             st.sampled_from(["EURUSD", "XAUUSD", mt5.TIMEFRAME_H1, NOW, 10]),
             st.datetimes(timezones=st.just(UTC)),
             st.dictionaries(
-                st.sampled_from(list(TradeRequest._fields) + ["bogus"]),
+                st.sampled_from(list(field_names(TradeRequest)) + ["bogus"]),
                 st.one_of(st.integers(-5, 10**20), st.floats(), st.text(max_size=40)),
             ),
         ),
@@ -387,11 +389,21 @@ def test_unknown_symbols_are_not_found(terminal: TerminalSimulator) -> None:
     ),
 )
 def test_no_call_ever_raises(name: str, args: list[Any], kwargs: dict[str, Any]) -> None:
+    """Only the exceptions the package raises: TypeError for keywords to a function that
+    takes none, SystemError (from the argument parser's TypeError/OverflowError) with -2."""
     clock = FakeClock()
     terminal = TerminalSimulator(clock=clock, history_days=1)
     terminal.initialize()
     clock.advance(120)
-    getattr(terminal, name)(*args, **kwargs)  # must not raise, whatever the arguments
+    try:
+        getattr(terminal, name)(*args, **kwargs)
+    except TypeError as error:
+        assert "takes no" in str(error)  # noqa: PT017
+        return
+    except SystemError as error:
+        assert isinstance(error.__cause__, TypeError | OverflowError)  # noqa: PT017
+        assert terminal.last_error()[0] == mt5.RES_E_INVALID_PARAMS
+        return
     code, message = terminal.last_error()
     assert code in mt5.LAST_ERROR_MESSAGE and message
 
@@ -616,7 +628,7 @@ def test_market_buy_fills_at_ask_and_opens_a_position(terminal: TerminalSimulato
     assert result.price == result.ask == tick.ask and result.bid == tick.bid
     assert result.volume == 0.1
     assert result.deal > 0 and result.order > 0 and result.request_id == 1
-    assert result.request == TradeRequest(**market(comment="bot-7f3a", magic=42))
+    assert result.request == make(TradeRequest, **market(comment="bot-7f3a", magic=42))
     (position,) = terminal.positions_get()
     assert position.ticket == position.identifier == result.order
     assert (position.type, position.volume, position.price_open) == (0, 0.1, tick.ask)
@@ -745,12 +757,14 @@ def test_unknown_symbols_and_actions_are_invalid_requests(terminal: TerminalSimu
     ("request_", "message"),
     [
         ("not a dict", "Invalid arguments"),
-        ({"symbol": "EURUSD", "volume": 0.1}, 'Invalid "action" argument'),
-        ({k: v for k, v in market().items() if k != "volume"}, 'Invalid "volume" argument'),
+        ({**market(), "action": "deal"}, 'Invalid "action" argument'),
+        ({**market(), "volume": 1}, 'Invalid "volume" argument'),  # an int volume is refused
         ({**market(), "volume": "0.1"}, 'Invalid "volume" argument'),
-        ({**market(), "magic": -1}, 'Invalid "magic" argument'),
-        ({**market(), "price": float("inf")}, 'Invalid "price" argument'),
-        ({**market(), "stop_loss": 1.0}, 'Invalid "stop_loss" argument'),
+        ({**market(), "magic": "7"}, 'Invalid "magic" argument'),
+        ({**market(), "price": 1}, 'Invalid "price" argument'),
+        ({**market(), "sl": 0}, 'Invalid "sl" argument'),
+        ({**market(), "expiration": datetime(2030, 1, 1, tzinfo=UTC)},
+         'Invalid "expiration" argument'),
         ({**market(), "comment": "x" * (COMMENT_MAX_LENGTH + 1)}, 'Invalid "comment" argument'),
     ],
 )
@@ -982,7 +996,9 @@ def test_terminal_crash_breaks_the_pipe_until_the_terminal_is_back_and_reattache
     assert terminal.last_error() == IPC_SEND_FAILED
     assert terminal.before_call("initialize") == NO_DELAY
     assert terminal.initialize() is False
-    assert terminal.last_error() == (-10003, "IPC initialize failed, Process create failed")
+    assert terminal.last_error() == (
+        -10003, "IPC initialize failed, Process create failed "
+        "'C:\\Program Files\\MetaTrader 5\\terminal64.exe'")
     assert terminal.account_info() is None
     assert terminal.last_error() == NO_IPC  # the failed initialize left no pipe at all
     clock.advance(30)

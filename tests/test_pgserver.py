@@ -221,3 +221,52 @@ def test_a_leftover_postmaster_is_stopped_before_starting(pg_server: EmbeddedPos
         heir.close()
         if orphan is not None:
             orphan.wait(timeout=10)
+
+
+# ---------------------------------------------------------------------------- locked down
+def test_locked_server_refuses_the_superuser_over_tcp_and_serves_the_unix_socket(
+    pg_server_factory: Callable[..., EmbeddedPostgres],
+) -> None:
+    server = pg_server_factory(superuser_over_tcp=False)
+    # Even with its right password: pg_hba rejects the superuser on every TCP address.
+    with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError, match="rejects"):
+        run(lambda: query(server, "SELECT 1"))
+    assert server.psql("SELECT 40 + 2").strip() == "42"
+    hba = (server.data_dir / "pg_hba.conf").read_text()
+    assert "trust" not in [line.split()[-1] for line in hba.splitlines()
+                           if line.startswith("host")]
+    with pytest.raises(EmbeddedPostgresError, match="psql failed"):
+        server.psql("SELECT * FROM no_such_table")
+
+
+def test_the_unix_socket_lives_in_the_data_directory_across_crashes(
+    pg_server_factory: Callable[..., EmbeddedPostgres],
+) -> None:
+    server = pg_server_factory()
+    assert (server.data_dir / f".s.PGSQL.{server.port}").is_socket()
+    server.kill()
+    server.start()
+    assert (server.data_dir / f".s.PGSQL.{server.port}").is_socket()
+    assert server.psql("SELECT 1").strip() == "1"
+
+
+def test_a_long_data_directory_gets_one_fixed_private_socket_directory(
+    pg_template: Path, pg_base_dir: Path
+) -> None:
+    deep = pg_base_dir / ("d" * 60) / ("e" * 60)
+    server = EmbeddedPostgres.from_template(pg_template, deep / "data",
+                                            password=PG_TEST_PASSWORD, durable=False)
+    try:
+        server.start()
+        first = server._socket_dir
+        assert first is not None and first != server.data_dir
+        assert first.stat().st_mode & 0o777 == 0o700
+        server.kill()
+        server.start()
+        assert server._socket_dir == first  # reused after a crash: nothing leaks per start
+        again = EmbeddedPostgres(deep / "data", port=server.port, password=PG_TEST_PASSWORD)
+        assert again._ensure_socket_dir() == first  # and by the next owner of the data
+        again._closed = True
+    finally:
+        server.close()
+    assert not first.exists()

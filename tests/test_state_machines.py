@@ -25,8 +25,10 @@ from supervision.states import (
 
 S = ConnectionState
 HEALTH = 30.0
-# ATTEMPT_FAILED_LAST is the machine's own refinement of ATTEMPT_FAILED, not a driver input.
-DRIVER_INPUTS = [i for i in Input if i is not Input.ATTEMPT_FAILED_LAST]
+# The *_LAST inputs are the machine's own refinements, not driver inputs.
+DRIVER_INPUTS = [i for i in Input
+                 if i not in (Input.ATTEMPT_FAILED_LAST, Input.FAILURE_DETECTED_LAST)]
+STABLE = 30.0
 
 unit = st.floats(min_value=0.0, max_value=1.0, exclude_max=True, allow_nan=False)
 
@@ -136,16 +138,27 @@ policies = st.builds(
 def test_connection_machine_property(policy, script):
     """Any input sequence: either InvalidTransition for a pair the table lacks, or exactly
     the table's target; attempts numbered 1..max with the policy's delays; ERROR exactly
-    when the budget is spent; STOP always gives DISCONNECTED."""
-    status = states.initial(policy)
+    when the budget is spent; the budget fresh again only after STABLE s connected; STOP
+    always gives DISCONNECTED."""
+    status = states.initial(policy, stable_s=STABLE)
     now = 0.0
-    # An independent model: how many attempts this outage has spent.
+    # An independent model: how many attempts this outage has spent, and since when up.
     spent = 0
+    up_since: float | None = None
     for event, dt, rand in script:
         now += dt
-        last = (event is Input.ATTEMPT_FAILED and status.state is S.RECONNECTING
-                and spent + 1 == policy.max_attempts)
-        key = (status.state, Input.ATTEMPT_FAILED_LAST if last else event)
+        lost = event is Input.FAILURE_DETECTED and status.state is S.CONNECTED
+        if lost and up_since is not None and now - up_since >= STABLE:
+            spent_before = 0
+        else:
+            spent_before = spent
+        last_attempt = (event is Input.ATTEMPT_FAILED and status.state is S.RECONNECTING
+                        and spent + 1 == policy.max_attempts)
+        last_loss = lost and spent_before == policy.max_attempts
+        last = last_attempt or last_loss
+        refined = (Input.ATTEMPT_FAILED_LAST if last_attempt
+                   else Input.FAILURE_DETECTED_LAST if last_loss else event)
+        key = (status.state, refined)
         if key not in TRANSITIONS:
             with pytest.raises(InvalidTransition):
                 states.step(status, event, now, policy, health_interval_s=HEALTH, rand=rand)
@@ -157,11 +170,15 @@ def test_connection_machine_property(policy, script):
         assert actions == table_actions
         if event is Input.STOP:
             assert new.state is S.DISCONNECTED
-        # The model of the budget.
-        if event is Input.ATTEMPT_FAILED:
+        # The model of the budget: every attempt spends, a stable connection refunds.
+        if lost:
+            spent = spent_before
+        if event in (Input.ATTEMPT_FAILED, Input.ATTEMPT_OK) and status.state is S.RECONNECTING:
             spent += 1
         if Action.RESET_BUDGET in actions:
             spent = 0
+        up_since = now if new.state is S.CONNECTED and status.state is not S.CONNECTED \
+            else (up_since if new.state is S.CONNECTED else None)
         assert new.budget.used == spent
         assert new.budget.max_attempts == policy.max_attempts
         # ERROR is reached exactly when the budget is spent.
@@ -169,6 +186,8 @@ def test_connection_machine_property(policy, script):
             assert spent == policy.max_attempts and last
         if status.state is S.RECONNECTING and event is Input.ATTEMPT_FAILED:
             assert (new.state is S.ERROR) == (spent == policy.max_attempts)
+        if lost:
+            assert (new.state is S.ERROR) == last_loss
         # Scheduling.
         if new.state is S.RECONNECTING:
             assert 1 <= new.attempt <= policy.max_attempts
@@ -217,9 +236,10 @@ def test_default_schedule_start_plus_1_3_7_then_probes():
     assert (st_.state, st_.next_at, actions) == (S.ERROR, 67.0, (Action.SCHEDULE_PROBE,))
 
 
-def _status_in(state: ConnectionState, policy: BackoffPolicy, *, used: int = 0
-               ) -> ConnectionStatus:
-    return ConnectionStatus(state=state, budget=RestartBudget(policy.max_attempts, used),
+def _status_in(state: ConnectionState, policy: BackoffPolicy, *, used: int = 0,
+               connected_at: float | None = None) -> ConnectionStatus:
+    return ConnectionStatus(state=state, budget=RestartBudget(policy.max_attempts, used,
+                                                              connected_at=connected_at),
                             since=0.0)
 
 
@@ -232,6 +252,8 @@ def test_each_table_row(key, row):
     used = 0
     if event is Input.ATTEMPT_FAILED_LAST:  # reached by refining the last failed attempt
         event, used = Input.ATTEMPT_FAILED, policy.max_attempts - 1
+    elif event is Input.FAILURE_DETECTED_LAST:  # lost before stable, after the last attempt
+        event, used = Input.FAILURE_DETECTED, policy.max_attempts
     elif event is Input.ATTEMPT_FAILED:
         used = 1
     new, got = states.step(_status_in(state, policy, used=used), event, 10.0, policy,
@@ -242,6 +264,7 @@ def test_each_table_row(key, row):
         (S.DISCONNECTED, Input.CONNECT_OK): (0, None),
         (S.DISCONNECTED, Input.CONNECT_FAILED): (1, 11.0),  # attempt 1 after 1 s
         (S.CONNECTED, Input.FAILURE_DETECTED): (1, 11.0),
+        (S.CONNECTED, Input.FAILURE_DETECTED_LAST): (0, 40.0),  # escalated: probe in 30 s
         (S.RECONNECTING, Input.ATTEMPT_OK): (0, None),
         (S.RECONNECTING, Input.ATTEMPT_FAILED): (3, 14.0),  # attempt 2 failed: 3 after 4 s
         (S.RECONNECTING, Input.ATTEMPT_FAILED_LAST): (0, 40.0),  # probe in 30 s
@@ -496,24 +519,69 @@ def test_breaker_property(probes, threshold, open_s, probe_timeout, ops):
         assert (b.state is BreakerState.OPEN) == (b.opened_at is not None)
 
 
-def test_an_observed_success_does_not_close_a_strict_breaker():
-    """QuestDB's breaker (DESIGN 4): only the half-open call probe, after open_s, closes it."""
-    b = Breaker(BreakerConfig(threshold=1, open_s=30.0, close_on_observed_success=False))
-    b, _ = b.record_failure(None, 0.0)
-    assert b.state is BreakerState.OPEN
+def test_an_observed_success_is_the_half_open_probe():
+    """DESIGN 4: a successful reconnect or probe by the supervisor closes the breaker at
+    once, for every actor; a failed one counts toward opening it."""
+    b = Breaker(BreakerConfig(threshold=2, open_s=30.0))
+    b, _ = b.record_failure(None, 0.0)  # a failed reconnect attempt counts
+    b, transitions = b.record_failure(None, 1.0)
+    assert b.state is BreakerState.OPEN and len(transitions) == 1
+    assert b.admit(5.0).ticket is None  # calls fail fast
     b, transitions = b.record_success(None, 5.0)  # the supervisor reconnected
-    assert b.state is BreakerState.OPEN and transitions == ()
-    assert b.admit(29.9).ticket is None  # still failing fast
-    admission = b.admit(30.0)
-    assert admission.ticket is not None and admission.ticket.probe
-    assert admission.breaker.state is BreakerState.HALF_OPEN
-    b, _ = admission.breaker.record_success(admission.ticket, 30.1)
-    assert b.state is BreakerState.CLOSED
-
-
-def test_an_observed_success_closes_a_lenient_breaker():
-    """The terminal's breaker: a successful reconnect closes it at once."""
-    b = Breaker(BreakerConfig(threshold=1, open_s=30.0))
-    b, _ = b.record_failure(None, 0.0)
-    b, transitions = b.record_success(None, 5.0)
     assert b.state is BreakerState.CLOSED and len(transitions) == 1
+    assert b.admit(5.0).ticket is not None
+
+
+# ------------------------------------------------------------------ reset after stability
+def _flap(policy: BackoffPolicy, up_s: float, stable_s: float = STABLE
+          ) -> list[tuple[str, int, float | None]]:
+    """Connect at 0, then every connection dies after ``up_s``; every attempt succeeds.
+    Returns (state, attempt, delay) after each loss until ERROR (or 10 losses)."""
+    status, _ = states.step(states.initial(policy, stable_s=stable_s), Input.CONNECT_OK, 0.0,
+                            policy, health_interval_s=HEALTH)
+    now, seen = 0.0, []
+    for _ in range(10):
+        now += up_s
+        status, _ = states.step(status, Input.FAILURE_DETECTED, now, policy,
+                                health_interval_s=HEALTH)
+        seen.append((str(status.state), status.attempt, status.delay_s))
+        if status.state is S.ERROR:
+            break
+        now = status.next_at
+        status, _ = states.step(status, Input.ATTEMPT_OK, now, policy, health_interval_s=HEALTH)
+    return seen
+
+
+def test_flapping_escalates_on_the_never_connects_schedule():
+    policy = BackoffPolicy()
+    assert _flap(policy, up_s=2.0) == [
+        ("RECONNECTING", 1, 1.0), ("RECONNECTING", 2, 2.0), ("RECONNECTING", 3, 4.0),
+        ("ERROR", 0, HEALTH)]
+
+
+def test_a_stable_connection_earns_a_fresh_budget():
+    policy = BackoffPolicy()
+    assert _flap(policy, up_s=STABLE) == [("RECONNECTING", 1, 1.0)] * 10
+    # Just short of stable_s is not stable.
+    assert _flap(policy, up_s=STABLE - 0.001)[-1] == ("ERROR", 0, HEALTH)
+
+
+def test_recovered_from_error_and_lost_before_stable_escalates_again():
+    policy = BackoffPolicy()
+    status = _status_in(S.ERROR, policy, used=policy.max_attempts)
+    status, actions = states.step(status, Input.PROBE_OK, 100.0, policy,
+                                  health_interval_s=HEALTH)
+    assert actions == (Action.MARK_CONNECTED, Action.RECOVERED)
+    lost, actions = states.step(status, Input.FAILURE_DETECTED, 110.0, policy,
+                                health_interval_s=HEALTH)
+    assert lost.state is S.ERROR and Action.ESCALATE in actions
+    lost, _ = states.step(status, Input.FAILURE_DETECTED, 100.0 + STABLE, policy,
+                          health_interval_s=HEALTH)
+    assert (lost.state, lost.attempt) == (S.RECONNECTING, 1)
+
+
+def test_budget_after_loss():
+    budget = RestartBudget(3, used=2, stable_s=10.0).connected(5.0)
+    assert budget.after_loss(14.9).used == 2
+    assert budget.after_loss(15.0).used == 0
+    assert RestartBudget(3, used=2).after_loss(100.0).used == 2  # never connected

@@ -10,8 +10,11 @@ Rules:
   place. -2 and -4 (and autotrading off) leave the connection alone; IPC errors, timeouts,
   auth failures and a broker disconnect mean the terminal is lost to us.
 * A broker disconnect (terminal up, ``connected`` false, retcode 10031) is BROKER_UNAVAILABLE
-  and does *not* re-initialize IPC: ``release()`` keeps the terminal session and
-  ``connect()`` only waits for the broker to come back.
+  and never shuts the terminal's IPC down (``release()`` skips ``shutdown()``). Restarts
+  are fresh (DESIGN.md section 3): each reconnect attempt is a new instance, which
+  re-initializes (cheap on a live terminal) and waits for the broker to come back.
+* What outlives an instance — unresolved orders, the tag sequence, counters — lives in the
+  ``TerminalLedger`` its factory hands to every instance (``make_mt5_actor``).
 * ``order_send`` is never retried and never cached. A reply that is lost (None, 10012, or the
   deadline passed while it ran) is ORDER_STATE_UNKNOWN; that symbol is then *unresolved*, and
   the next ``order_send`` for it first reconciles through ``history_deals_get`` /
@@ -26,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
@@ -34,44 +37,28 @@ import attrs
 import trio
 
 from actors.mt5 import codes
-from actors.mt5.types import OrderSendResult, TradeRequest
+from actors.mt5.api import DATE_PARAMS, SIGNATURES, Mt5Ref
+from actors.mt5.process_worker import TerminalHost
+from actors.mt5.terminal_process import BackendRecipe, TransportTimeout, build_backend
+from actors.mt5.types import OrderSendResult, TradeRequest, field_names, make
 from actors.mt5.worker import ABANDONED, InlineWorker, ThreadWorker, Worker, WorkerLost
 from supervision.actor import READ, READ_UNCACHED, WRITE, Actor, OpSpec
-from supervision.errors import ErrorCode, Failure, Response, describe, operation_message
+from supervision.errors import ErrorCode, Failure, describe, operation_message
 from supervision.events import EventKind
 from supervision.messages import Notice
-from supervision.ref import ActorRef
-
-# op -> positional parameter names, in the MetaTrader5 order; then keyword-only names.
-SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "version": ((), ()),
-    "terminal_info": ((), ()),
-    "account_info": ((), ()),
-    "symbols_total": ((), ()),
-    "symbol_info": (("symbol",), ()),
-    "symbol_select": (("symbol", "enable"), ()),
-    "symbol_info_tick": (("symbol",), ()),
-    "copy_rates_from_pos": (("symbol", "timeframe", "start_pos", "count"), ()),
-    "copy_rates_range": (("symbol", "timeframe", "date_from", "date_to"), ()),
-    "copy_ticks_range": (("symbol", "date_from", "date_to", "flags"), ()),
-    "order_check": (("request",), ()),
-    "order_send": (("request",), ()),
-    "positions_get": ((), ("symbol", "group", "ticket")),
-    "orders_get": ((), ("symbol", "group", "ticket")),
-    "history_deals_get": (("date_from", "date_to"), ("group", "ticket", "position")),
-    "history_orders_get": (("date_from", "date_to"), ("group", "ticket", "position")),
-}
-REQUIRED = {"symbol_info", "symbol_info_tick", "copy_rates_from_pos", "copy_rates_range",
-            "copy_ticks_range", "order_check", "order_send", "symbol_select"}
-DATE_PARAMS = {"date_from", "date_to"}
 
 OPS: dict[str, OpSpec] = {
     **{op: READ for op in ("version", "terminal_info", "account_info", "symbols_total",
-                           "symbol_info", "symbol_info_tick", "copy_rates_from_pos",
-                           "copy_rates_range", "copy_ticks_range", "positions_get",
-                           "orders_get", "history_deals_get", "history_orders_get")},
-    "order_check": READ_UNCACHED,
-    "symbol_select": OpSpec(cacheable=False, idempotent=True),
+                           "symbols_get", "symbol_info", "symbol_info_tick",
+                           "copy_rates_from", "copy_rates_from_pos", "copy_rates_range",
+                           "copy_ticks_from", "copy_ticks_range", "positions_total",
+                           "positions_get", "orders_total", "orders_get",
+                           "history_orders_total", "history_deals_total",
+                           "history_deals_get", "history_orders_get")},
+    **{op: READ_UNCACHED for op in ("order_check", "order_calc_margin", "order_calc_profit",
+                                    "market_book_get")},
+    **{op: OpSpec(cacheable=False, idempotent=True)
+       for op in ("symbol_select", "market_book_add", "market_book_release")},
     "order_send": WRITE,
 }
 
@@ -80,8 +67,20 @@ IPC_LOST = {codes.RES_E_INTERNAL_FAIL, codes.RES_E_INTERNAL_FAIL_SEND,
 ORDER_OK = {codes.TRADE_RETCODE_DONE, codes.TRADE_RETCODE_PLACED,
             codes.TRADE_RETCODE_DONE_PARTIAL}
 TAG_PREFIX = "mt5sup-"
+# The package refuses a request comment of 30 characters or more (-2, 'Invalid "comment"
+# argument'), so a tag must fit in 29.
+TAG_MAX_CHARS = 29
 # order_send returned None with these: refused before it left the terminal, never executed.
 REFUSED_LOCALLY = {ErrorCode.INVALID_REQUEST, ErrorCode.AUTOTRADING_DISABLED}
+
+
+def order_tag(base: int, n: int) -> str:
+    """``mt5sup-<base>-<n>``, cut to fit the package's comment limit (29 characters)."""
+    return f"{TAG_PREFIX}{base % 100_000}-{n % 10**15}"
+
+
+__all__ = ["SIGNATURES", "Mt5Actor", "Mt5Ref", "Mt5Terminal", "TerminalLedger",
+           "make_mt5_actor"]  # Mt5Ref and SIGNATURES live in actors.mt5.api
 
 
 class Mt5Error(Exception):
@@ -133,6 +132,19 @@ class Unresolved:
     sent_at: datetime  # server time, for the history window
 
 
+@attrs.define
+class TerminalLedger:
+    """What outlives one ``Mt5Actor`` instance. Restarts are fresh (a new instance per
+    connect attempt), so the orders whose outcome is unknown — and the tag sequence and
+    counters — are kept here and handed to every instance by its factory."""
+
+    unresolved: dict[str, Unresolved] = attrs.Factory(dict)
+    tags: Iterator[int] = attrs.Factory(lambda: itertools.count(1))
+    tag_base: int = attrs.Factory(lambda: int(time.time()) % 100_000)
+    reconciled: int = 0
+    workers_started: int = 0
+
+
 class Mt5Actor(Actor):
     ops: ClassVar[Mapping[str, OpSpec]] = OPS
     concurrency = 1  # the terminal takes one call at a time anyway
@@ -148,10 +160,14 @@ class Mt5Actor(Actor):
         server: str | None = None,
         timeout_ms: int = 60_000,
         name: str = "mt5",
+        ledger: TerminalLedger | None = None,
+        host: TerminalHost | None = None,
     ) -> None:
         self.name = name
         self._backend_factory = backend_factory
         self._inline = inline
+        # The process worker: the backend lives in the host's process, never in this one.
+        self._host = host
         self._init_kwargs = {k: v for k, v in {
             "path": path or None, "login": login or None, "password": password or None,
             "server": server or None, "timeout": timeout_ms}.items() if v is not None}
@@ -160,11 +176,16 @@ class Mt5Actor(Actor):
         self.worker: Worker | None = None
         self._ipc_up = False
         self._broker_only = False  # the last loss was the broker, not the terminal
-        self.unresolved: dict[str, Unresolved] = {}
-        self._tags = itertools.count(1)
-        self._tag_base = int(time.time()) % 100_000
-        self.reconciled = 0
-        self.workers_started = 0
+        self.ledger = ledger if ledger is not None else TerminalLedger()
+        self.unresolved = self.ledger.unresolved  # the same dict: it survives the instance
+
+    @property
+    def reconciled(self) -> int:
+        return self.ledger.reconciled
+
+    @property
+    def workers_started(self) -> int:
+        return self.ledger.workers_started
 
     # ------------------------------------------------------------------ lifecycle
     @contextlib.asynccontextmanager
@@ -177,7 +198,13 @@ class Mt5Actor(Actor):
     def _retire_worker(self) -> None:
         worker = self.worker
         if worker is not None:
-            if worker.wedged:
+            if worker.wedged and self._host is not None:
+                # Nothing abandoned: the host killed and reaped the stuck process.
+                self.notify(Notice(self.name, str(EventKind.WORKER_ABANDONED),
+                                   trio.current_time(),
+                                   data={"worker": "process",
+                                         "killed_processes": self._host.killed}))
+            elif worker.wedged:
                 self.notify(Notice(self.name, str(EventKind.WORKER_ABANDONED),
                                    trio.current_time(),
                                    data={"abandoned_threads": ABANDONED.total + (
@@ -192,7 +219,7 @@ class Mt5Actor(Actor):
         return await self.worker.call(name, args, kwargs)
 
     async def connect(self) -> None:
-        if self.backend is None:
+        if self.backend is None and self._host is None:
             self.backend = self._backend_factory()
         if self._broker_only and self._ipc_up and self.worker is not None \
                 and not self.worker.wedged:
@@ -200,8 +227,13 @@ class Mt5Actor(Actor):
             self._broker_only = False
             return
         self._retire_worker()
-        self.worker = InlineWorker(self.backend) if self._inline else ThreadWorker(self.backend)
-        self.workers_started += 1
+        if self._host is not None:
+            self.worker = self._host.worker()  # its first call (re)spawns the process
+        elif self._inline:
+            self.worker = InlineWorker(self.backend)
+        else:
+            self.worker = ThreadWorker(self.backend)
+        self.ledger.workers_started += 1
         ok, (code, message) = await self._call("initialize", **self._init_kwargs)
         if not ok:
             raise Mt5Error(classify_code(code, message, "initialize"))
@@ -253,9 +285,10 @@ class Mt5Actor(Actor):
             filled = await self._reconcile(symbol, pending)
             if filled is not None and _same_order(pending.request, request):
                 return filled  # the earlier, lost reply was a fill: never send it twice
-        tag = request.get("comment") or f"{TAG_PREFIX}{self._tag_base}-{next(self._tags)}"
+        ledger = self.ledger
+        tag = request.get("comment") or order_tag(ledger.tag_base, next(ledger.tags))
         request = {**request, "comment": tag}
-        sent_at = _server_now(self.backend)
+        sent_at = _server_now(self._host or self.backend)
         # Until a definite answer arrives, the outcome is unknown (a deadline may cancel us).
         self.unresolved[symbol] = Unresolved(request, tag, sent_at)
         result, (code, message) = await self._call("order_send", request)
@@ -285,19 +318,19 @@ class Mt5Actor(Actor):
         # tell us (brokers run at UTC+2/+3 and more): the window must cover any offset. The
         # tag, unique per order, is what selects the deal.
         start = pending.sent_at - timedelta(days=1)
-        end = _server_now(self.backend) + timedelta(days=1)
+        end = _server_now(self._host or self.backend) + timedelta(days=1)
         deals, (code, message) = await self._call("history_deals_get", start, end)
         if deals is None:
             raise self._unreconciled(symbol, code, message)
         matches = [d for d in deals if d.symbol == symbol
-                   and d.comment.startswith(pending.tag[:31])]
+                   and d.comment.startswith(pending.tag[:TAG_MAX_CHARS])]
         if not matches:
             positions, (code, message) = await self._call("positions_get", symbol=symbol)
             if positions is None:
                 raise self._unreconciled(symbol, code, message)
-            matches = [p for p in positions if p.comment.startswith(pending.tag[:31])]
+            matches = [p for p in positions if p.comment.startswith(pending.tag[:TAG_MAX_CHARS])]
         del self.unresolved[symbol]
-        self.reconciled += 1
+        self.ledger.reconciled += 1
         outcome_word = "filled" if matches else "not_filled"
         self.notify(Notice(self.name, str(EventKind.ORDER_RECONCILED),
                                    trio.current_time(),
@@ -308,7 +341,8 @@ class Mt5Actor(Actor):
         deal = matches[0]
         is_deal = hasattr(deal, "order")  # else an open position found by its comment
         # The same type as a live answer, so a caller reads it the same way.
-        return OrderSendResult(
+        return make(
+            OrderSendResult,
             retcode=codes.TRADE_RETCODE_DONE,
             deal=deal.ticket if is_deal else 0,
             order=deal.order if is_deal else deal.ticket,
@@ -319,8 +353,8 @@ class Mt5Actor(Actor):
             comment="reconciled: filled before its reply was lost",
             request_id=0,
             retcode_external=0,
-            request=TradeRequest(**{k: v for k, v in pending.request.items()
-                                    if k in TradeRequest._fields}),
+            request=make(TradeRequest, **{k: v for k, v in pending.request.items()
+                                          if k in field_names(TradeRequest)}),
         )
 
     def _unreconciled(self, symbol: str, code: int, message: str) -> Mt5Error:
@@ -336,12 +370,19 @@ class Mt5Actor(Actor):
         elif isinstance(exc, WorkerLost):
             failure = Failure(ErrorCode.MT5_IPC_FAILED, operation_message(op, describe(exc)),
                               connection=True)
+        elif isinstance(exc, TransportTimeout):
+            # mt5linux: the bridge gave up waiting (rpyc's "result expired").
+            failure = Failure(ErrorCode.MT5_IPC_TIMEOUT,
+                              operation_message(op, describe(exc), self._secrets),
+                              connection=True)
         elif isinstance(exc, EOFError | ConnectionError | OSError):
             # mt5linux: the bridge's transport failures are exceptions, not last_error().
             failure = Failure(ErrorCode.MT5_IPC_FAILED,
                               operation_message(op, describe(exc), self._secrets),
                               connection=True)
-        elif isinstance(exc, TypeError | ValueError):
+        elif isinstance(exc, TypeError | ValueError | SystemError):
+            # SystemError: the package's argument parser refused a value (e.g. a str where
+            # it wants an int) and left its TypeError set; the request was never run.
             failure = Failure(ErrorCode.INVALID_REQUEST,
                               operation_message(op, describe(exc), self._secrets))
         else:
@@ -369,6 +410,9 @@ class Mt5Actor(Actor):
             "workers_started": self.workers_started,
             "abandoned_threads": ABANDONED.total,
             "abandoned_threads_alive": ABANDONED.alive,
+            **({"worker_processes_started": self._host.started,
+                "worker_processes_killed": self._host.killed,
+                "worker_pid": self._host.pid} if self._host is not None else {}),
             "unresolved_orders": sorted(self.unresolved),
             "reconciled_orders": self.reconciled,
         }
@@ -431,62 +475,57 @@ def _bind(op: str, args: Mapping[str, Any]) -> tuple[list[Any], dict[str, Any]]:
     return positional, keywords
 
 
-class Mt5Ref(ActorRef):
-    """``rt.mt5``: the MetaTrader5 function names as async methods returning ``Response``."""
+@attrs.frozen
+class Mt5Terminal:
+    """What the runtime needs to run one terminal: the actor factory (a fresh instance per
+    call, one ``TerminalLedger``), where ``sim.inject`` goes (the simulator, or the host of
+    the process it runs in; None for a real terminal), and the host to close at shutdown."""
 
-    async def _op(self, op: str, positional: tuple[Any, ...], named: dict[str, Any],
-                  timeout_s: float | None) -> Response:
-        names = SIGNATURES[op][0]
-        if len(positional) > len(names):
-            raise TypeError(f"{op} takes at most {len(names)} positional arguments")
-        args = dict(zip(names, positional, strict=False))
-        args.update({k: v for k, v in named.items() if v is not None})
-        return await self.call(op, args, timeout_s=timeout_s)
-
-    async def initialize(self) -> Response:
-        """Re-initialize the terminal: an operator restart of the actor."""
-        await self._child.cell.restart("initialize")
-        return Response.success(True)
-
-    def __getattr__(self, op: str) -> Any:
-        if op not in SIGNATURES:
-            raise AttributeError(op)
-
-        async def method(*positional: Any, timeout_s: float | None = None,
-                         **named: Any) -> Response:
-            return await self._op(op, positional, named, timeout_s)
-
-        method.__name__ = op
-        return method
+    name: str
+    make: Callable[[], Mt5Actor]
+    simulator: Any
+    host: TerminalHost | None
 
 
-def make_mt5_actor(config: Any) -> tuple[Mt5Actor, Any]:
-    """The actor for ``[mt5]``, and the simulator when that is the backend."""
-    m = config["mt5"]
-    backend = m["backend"]
-    simulator = None
-    if backend == "simulator":
+def make_mt5_actor(config: Any, name: str = "mt5") -> Mt5Terminal:
+    """The terminal of ``[mt5]`` (``name`` "mt5") or of ``[mt5.terminals.X]`` ("mt5-X")."""
+    if name == "mt5":
+        m, password = config["mt5"], config.mt5_password
+    else:
+        terminal = name.removeprefix("mt5-")
+        m, password = config.terminals[terminal], config.terminal_password(terminal)
+    backend, worker = m["backend"], m["worker"]
+    if worker == "inline" and backend != "simulator":
+        raise ValueError(f"{name}: worker = \"inline\" runs only the simulator; "
+                         f"backend {backend!r} blocks: use \"process\" or \"thread\"")
+    simulator: Any = None
+    host: TerminalHost | None = None
+    factory: Any = None
+    if worker == "process":
+        host = TerminalHost(BackendRecipe(
+            kind=backend, host=m["host"], port=m["port"], simulator_seed=m["simulator_seed"],
+            ipc_timeout_s=m["terminal_timeout_ms"] / 1000.0), name=name)
+        simulator = host if backend == "simulator" else None
+    elif backend == "simulator":
         from actors.mt5.simulator import TerminalSimulator
 
-        simulator = TerminalSimulator(clock=trio.current_time, seed=m["simulator_seed"],
+        # Inline: trio's clock (virtual in tests). A thread cannot read trio's clock.
+        clock = trio.current_time if worker == "inline" else time.monotonic
+        simulator = TerminalSimulator(clock=clock, seed=m["simulator_seed"],
                                       ipc_timeout_s=m["terminal_timeout_ms"] / 1000.0)
-        factory: Any = lambda: simulator  # noqa: E731
-        inline = True
-    elif backend == "metatrader5":
+        factory = lambda: simulator  # noqa: E731
+    else:  # the MetaTrader5 package or the mt5linux client, in a thread worker
+        recipe = BackendRecipe(kind=backend, host=m["host"], port=m["port"],
+                               ipc_timeout_s=m["terminal_timeout_ms"] / 1000.0)
+
         def factory() -> Any:
-            import MetaTrader5  # Windows only (extra "mt5")
+            return build_backend(recipe)  # set up as in a worker process
+    ledger = TerminalLedger()
 
-            return MetaTrader5
+    def make() -> Mt5Actor:
+        return Mt5Actor(factory, inline=worker == "inline", path=m["path"], login=m["login"],
+                        password=password, server=m["server"],
+                        timeout_ms=m["terminal_timeout_ms"], name=name, ledger=ledger,
+                        host=host)
 
-        inline = False
-    else:
-        def factory() -> Any:
-            from mt5linux import MetaTrader5  # extra "bridge"
-
-            return MetaTrader5(host=m["host"], port=m["port"])
-
-        inline = False
-    actor = Mt5Actor(factory, inline=inline, path=m["path"], login=m["login"],
-                     password=config.mt5_password, server=m["server"],
-                     timeout_ms=m["terminal_timeout_ms"])
-    return actor, simulator
+    return Mt5Terminal(name, make, simulator, host)

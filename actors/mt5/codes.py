@@ -7,10 +7,12 @@ https://www.mql5.com/en/docs/constants/errorswarnings/enum_trade_return_codes).
 Code that talks to the real package and code that talks to the simulator can therefore share
 one set of names: ``from actors.mt5 import codes as mt5`` reads like ``import MetaTrader5 as mt5``.
 
-The ``last_error()`` messages are the strings the real package returns, as reported by people
-running it against live terminals (the docs list only the codes and a short meaning).
-``LAST_ERROR_MESSAGE_OBSERVED`` says which messages were seen in the wild and which are our
-best guess; ``docs/mt5.md`` cites the sources.
+The ``last_error()`` messages are the strings of the compiled module (its error setter and
+argument parser, read in the disassembly of the 5.0.6231 wheel by
+``tools/extract_mt5_reference.py``). Only the upper-case integer names are package
+constants; ``PACKAGE_CONSTANTS`` lists them, and ``tests/test_mt5_fidelity.py`` checks they
+are exactly the package's (no more, no fewer, same values). Helpers here are lower-case or
+containers (``TIMEFRAME_SECONDS``, ``LAST_ERROR_MESSAGE``...).
 """
 
 from __future__ import annotations
@@ -43,42 +45,31 @@ LAST_ERROR_MESSAGE: dict[int, str] = {
     RES_E_INVALID_PARAMS: "Terminal: Invalid params",
     RES_E_NO_MEMORY: "Terminal: Out of memory",
     RES_E_NOT_FOUND: "Terminal: Not found",
-    RES_E_INVALID_VERSION: "Terminal: Invalid version",
+    RES_E_INVALID_VERSION: "Terminal: Incompatible versions, please install the latest version "
+    "of Terminal and Python module",
     RES_E_AUTH_FAILED: "Terminal: Authorization failed",
-    RES_E_UNSUPPORTED: "Terminal: Unsupported",
-    RES_E_AUTO_TRADING_DISABLED: "Terminal: Auto trading disabled",
-    RES_E_INTERNAL_FAIL: "IPC internal error",
+    RES_E_UNSUPPORTED: "Terminal: Unsupported function",
+    # -8 has no default text of its own (the error setter falls through to 'Call failed');
+    # order_send and order_check set MSG_AUTO_TRADING_DISABLED explicitly.
+    RES_E_AUTO_TRADING_DISABLED: "Terminal: Call failed",
+    RES_E_INTERNAL_FAIL: "IPC call failed",
     RES_E_INTERNAL_FAIL_SEND: "IPC send failed",
     RES_E_INTERNAL_FAIL_RECEIVE: "IPC recv failed",
-    RES_E_INTERNAL_FAIL_INIT: "IPC initialize failed",
+    # Always followed by the reason (see msg_ipc_initialize_failed).
+    RES_E_INTERNAL_FAIL_INIT: "IPC initialize failed, %S",
     RES_E_INTERNAL_FAIL_CONNECT: "No IPC connection",
     RES_E_INTERNAL_FAIL_TIMEOUT: "IPC timeout",
 }
 
-# Whether the default message above was seen returned by the real package (True) or is our
-# guess in the same style (False). Nobody reports -5, -7, -8 or -10000 in practice.
-LAST_ERROR_MESSAGE_OBSERVED: dict[int, bool] = {
-    RES_S_OK: True,
-    RES_E_FAIL: True,
-    RES_E_INVALID_PARAMS: True,
-    RES_E_NO_MEMORY: True,
-    RES_E_NOT_FOUND: True,
-    RES_E_INVALID_VERSION: False,
-    RES_E_AUTH_FAILED: True,
-    RES_E_UNSUPPORTED: False,
-    RES_E_AUTO_TRADING_DISABLED: False,
-    RES_E_INTERNAL_FAIL: False,
-    RES_E_INTERNAL_FAIL_SEND: True,
-    RES_E_INTERNAL_FAIL_RECEIVE: True,
-    RES_E_INTERNAL_FAIL_INIT: True,
-    RES_E_INTERNAL_FAIL_CONNECT: True,
-    RES_E_INTERNAL_FAIL_TIMEOUT: True,
-}
-
-# -2 variants raised by the package's own argument parsing, before anything reaches the
-# terminal (all observed).
+# Where the messages come from: the compiled module's error setter, read in its disassembly
+# (tools/extract_mt5_reference.py keeps them in actors/mt5/reference/mt5_reference.json and
+# tests/test_mt5_fidelity.py compares). The argument-parser variants of -2:
 MSG_INVALID_ARGUMENTS = "Invalid arguments"
 MSG_UNNAMED_ARGUMENTS = "Unnamed arguments not allowed"
+MSG_INVALID_NUMBER_OF_ARGUMENTS = "Invalid number of arguments"
+MSG_AUTO_TRADING_DISABLED = "Auto-Trading using Python API disabled in Terminal"
+MSG_ORDINAL_ARGUMENT = ("Invalid 1st unnamed argument", "Invalid 2nd unnamed argument",
+                        "Invalid 3rd unnamed argument")
 
 
 def msg_invalid_request_field(field: str) -> str:
@@ -86,9 +77,19 @@ def msg_invalid_request_field(field: str) -> str:
     return f'Invalid "{field}" argument'
 
 
-# -10003 comes with the reason the terminal could not be attached after a comma, e.g.
-# 'IPC initialize failed, MetaTrader 5 x64 not found' or '..., Process create failed'.
-MSG_IPC_INIT_PROCESS_CREATE_FAILED = "IPC initialize failed, Process create failed"
+def msg_ipc_initialize_failed(reason: str) -> str:
+    """The -10003 message: 'IPC initialize failed, ' and why (the package's %S)."""
+    return f"IPC initialize failed, {reason}"
+
+
+# -10003 reasons the package formats in (strings of the compiled module).
+
+
+def msg_process_create_failed(terminal_exe: str) -> str:
+    """-10003 when the terminal could not be started (the path is the package's %s)."""
+    return msg_ipc_initialize_failed(f"Process create failed '{terminal_exe}'")
+
+MSG_IPC_INIT_NOT_FOUND = msg_ipc_initialize_failed("MetaTrader 5 x64 not found")
 
 SUCCESS: tuple[int, str] = (RES_S_OK, LAST_ERROR_MESSAGE[RES_S_OK])
 
@@ -251,8 +252,6 @@ SYMBOL_TRADE_MODE_DISABLED = 0
 SYMBOL_TRADE_MODE_FULL = 4
 SYMBOL_TRADE_EXECUTION_INSTANT = 1
 SYMBOL_TRADE_EXECUTION_MARKET = 2
-SYMBOL_FILLING_FOK = 1  # SYMBOL_FILLING_MODE bit flags
-SYMBOL_FILLING_IOC = 2
 
 ACCOUNT_TRADE_MODE_DEMO = 0
 ACCOUNT_TRADE_MODE_CONTEST = 1
@@ -262,6 +261,57 @@ ACCOUNT_STOPOUT_MODE_MONEY = 1
 ACCOUNT_MARGIN_MODE_RETAIL_NETTING = 0
 ACCOUNT_MARGIN_MODE_EXCHANGE = 1
 ACCOUNT_MARGIN_MODE_RETAIL_HEDGING = 2
+
+# --- the rest of the package's constants (enumerations the simulator does not use) -------
+DEAL_DIVIDEND = 15
+DEAL_DIVIDEND_FRANKED = 16
+DEAL_TAX = 17
+SYMBOL_CHART_MODE_BID = 0
+SYMBOL_CHART_MODE_LAST = 1
+SYMBOL_CALC_MODE_FUTURES = 1
+SYMBOL_CALC_MODE_CFDINDEX = 3
+SYMBOL_CALC_MODE_CFDLEVERAGE = 4
+SYMBOL_CALC_MODE_FOREX_NO_LEVERAGE = 5
+SYMBOL_CALC_MODE_EXCH_STOCKS = 32
+SYMBOL_CALC_MODE_EXCH_FUTURES = 33
+SYMBOL_CALC_MODE_EXCH_OPTIONS = 34
+SYMBOL_CALC_MODE_EXCH_OPTIONS_MARGIN = 36
+SYMBOL_CALC_MODE_EXCH_BONDS = 37
+SYMBOL_CALC_MODE_EXCH_STOCKS_MOEX = 38
+SYMBOL_CALC_MODE_EXCH_BONDS_MOEX = 39
+SYMBOL_CALC_MODE_SERV_COLLATERAL = 64
+SYMBOL_TRADE_MODE_LONGONLY = 1
+SYMBOL_TRADE_MODE_SHORTONLY = 2
+SYMBOL_TRADE_MODE_CLOSEONLY = 3
+SYMBOL_TRADE_EXECUTION_REQUEST = 0
+SYMBOL_TRADE_EXECUTION_EXCHANGE = 3
+SYMBOL_SWAP_MODE_DISABLED = 0
+SYMBOL_SWAP_MODE_POINTS = 1
+SYMBOL_SWAP_MODE_CURRENCY_SYMBOL = 2
+SYMBOL_SWAP_MODE_CURRENCY_MARGIN = 3
+SYMBOL_SWAP_MODE_CURRENCY_DEPOSIT = 4
+SYMBOL_SWAP_MODE_INTEREST_CURRENT = 5
+SYMBOL_SWAP_MODE_INTEREST_OPEN = 6
+SYMBOL_SWAP_MODE_REOPEN_CURRENT = 7
+SYMBOL_SWAP_MODE_REOPEN_BID = 8
+DAY_OF_WEEK_SUNDAY = 0
+DAY_OF_WEEK_MONDAY = 1
+DAY_OF_WEEK_TUESDAY = 2
+DAY_OF_WEEK_WEDNESDAY = 3
+DAY_OF_WEEK_THURSDAY = 4
+DAY_OF_WEEK_FRIDAY = 5
+DAY_OF_WEEK_SATURDAY = 6
+SYMBOL_ORDERS_GTC = 0
+SYMBOL_ORDERS_DAILY = 1
+SYMBOL_ORDERS_DAILY_NO_STOPS = 2
+SYMBOL_OPTION_RIGHT_CALL = 0
+SYMBOL_OPTION_RIGHT_PUT = 1
+SYMBOL_OPTION_MODE_EUROPEAN = 0
+SYMBOL_OPTION_MODE_AMERICAN = 1
+BOOK_TYPE_SELL = 1
+BOOK_TYPE_BUY = 2
+BOOK_TYPE_SELL_MARKET = 3
+BOOK_TYPE_BUY_MARKET = 4
 
 # --- trade server return codes (MqlTradeResult.retcode) ------------------------------------
 TRADE_RETCODE_REQUOTE = 10004
@@ -306,14 +356,18 @@ TRADE_RETCODE_CLOSE_ONLY = 10044
 TRADE_RETCODE_FIFO_CLOSE = 10045
 
 # order_check() answers 0 with comment 'Done' when the request would be accepted; it is not a
-# named constant in the package (the docs' example prints ``OrderCheckResult(retcode=0, ...)``).
-ORDER_CHECK_OK = 0
+# named constant in the package (the docs' example prints ``OrderCheckResult(retcode=0, ...)``),
+# so it is lower-case here: only the package's own names are upper-case module constants.
+order_check_ok = 0
+# SYMBOL_FILLING_MODE bit flags (symbol_info().filling_mode): MQL5 names, not in the package.
+symbol_filling_fok = 1
+symbol_filling_ioc = 2
 
 # The ``comment`` the terminal puts in a trade result. 'Request executed', 'Done' and
 # 'AutoTrading disabled by client' and the 10031 text are observed in real results; the others
 # are the descriptions from the MQL5 trade-return-codes page.
 TRADE_RETCODE_COMMENT: dict[int, str] = {
-    ORDER_CHECK_OK: "Done",
+    order_check_ok: "Done",
     TRADE_RETCODE_REQUOTE: "Requote",
     TRADE_RETCODE_REJECT: "Request rejected",
     TRADE_RETCODE_CANCEL: "Request canceled by trader",
@@ -360,3 +414,10 @@ TRADE_RETCODE_COMMENT: dict[int, str] = {
 def trade_retcode_comment(retcode: int) -> str:
     """The terminal's comment for ``retcode`` (a generic one for codes it has no text for)."""
     return TRADE_RETCODE_COMMENT.get(retcode, f"Retcode {retcode}")
+
+
+# Every constant of the package (name -> value): the upper-case int names of this module.
+PACKAGE_CONSTANTS: dict[str, int] = {
+    name: value for name, value in dict(globals()).items()
+    if name.isupper() and type(value) is int
+}

@@ -2,9 +2,12 @@
 
 ``TerminalSimulator`` has the package's functions as methods, with the same names, argument
 conventions, return types and ``last_error()`` codes (see ``docs/mt5.md`` for each function,
-what the real package does and which test checks the simulator does the same). Like the real
-package it never raises for a bad call: failures return None (False for the bool functions)
-and set ``last_error()``.
+what the real package does and which test checks the simulator does the same), plus the
+package's constants, ``__version__``/``__author__`` and its Python helpers ``Buy``, ``Sell``,
+``Close`` (``tests/test_mt5_fidelity.py`` compares all of it with the real 5.0.6231 wheel).
+Like the real package, failures return None (False for the bool functions) and set
+``last_error()``; it raises only where the package raises: TypeError for arguments a C
+function does not take, SystemError where the package's argument parser leaves an error set.
 
 Three things make it usable on trio's virtual clock:
 
@@ -24,9 +27,9 @@ from __future__ import annotations
 
 import enum
 import functools
-import inspect
 import math
 import numbers
+import operator
 import re
 import threading
 from collections.abc import Callable, Iterable
@@ -41,6 +44,7 @@ from actors.mt5.types import (
     RATES_DTYPE,
     TICKS_DTYPE,
     AccountInfo,
+    BookInfo,
     OrderCheckResult,
     OrderSendResult,
     SymbolInfo,
@@ -50,6 +54,8 @@ from actors.mt5.types import (
     TradeOrder,
     TradePosition,
     TradeRequest,
+    make,
+    replace,
 )
 
 SIMULATOR_FAULTS: frozenset[str] = frozenset(
@@ -82,12 +88,21 @@ DEFAULT_EPOCH: Final = 1_704_672_000.0
 # A broker connection drop heals by itself (the terminal reconnects) after this long unless
 # the injection says otherwise.
 BROKER_RECONNECT_S: Final = 10.0
-# MqlTradeRequest.comment is a 31-character field: the package refuses longer comments with
-# (-2, 'Invalid "comment" argument') rather than cutting them (users report the cut-off
-# anywhere from 27 to 31 characters depending on build; we take the documented field size).
-COMMENT_MAX_LENGTH: Final = 31
+# The package copies symbol names and request comments into 31-wchar buffers after asking
+# PyUnicode_AsWideChar for the size *including* the terminating NUL: 29 characters is the
+# most it takes; a longer comment is refused with (-2, 'Invalid "comment" argument'), a
+# longer symbol with (-2, 'Invalid arguments').
+STRING_MAX_CHARS: Final = 29
+COMMENT_MAX_LENGTH: Final = STRING_MAX_CHARS
+GROUP_MAX_CHARS: Final = 1998  # `cmp $0x7cf` on the same count
+CREDENTIAL_MAX_CHARS: Final = 254  # server and password: `cmp $0xff`
+PATH_MAX_CHARS: Final = 259  # MAX_PATH
+PACKAGE_VERSION: Final = "5.0.6231"
+PACKAGE_AUTHOR: Final = "MetaQuotes Ltd."
+TERMINAL_EXE: Final = "C:\\Program Files\\MetaTrader 5\\terminal64.exe"
 TERMINAL_VERSION: Final = (500, 4755, "24 Jan 2025")
 MAX_BARS: Final = 100_000
+_BOOK_DEPTH: Final = 10  # SymbolInfo.ticks_bookdepth
 
 # Functions that never reach the terminal, so a slow or hung terminal cannot delay them:
 # last_error() reads a variable of the package, shutdown() drops the local end of the pipe.
@@ -373,10 +388,10 @@ def _as_float(value: object) -> float | None:
 
 
 def _as_timestamp(value: object) -> float | None:
-    """Seconds since 1970 from a datetime or a number, as the package accepts; else None.
+    """Seconds since 1970 from a datetime or a number; else None.
 
-    A naive datetime is read as UTC: the terminal keeps all times in UTC and the docs tell
-    callers to build datetimes in UTC.
+    Package functions get their dates already read by ``_parse_date`` (a naive datetime is
+    local time there, as in the package); this is a safety net for internal callers.
     """
     if isinstance(value, datetime):
         if value.tzinfo is None:
@@ -458,33 +473,177 @@ class _Session(enum.Enum):
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
+# Names of the package's functions, filled in by @_mt5_function (the fidelity test compares).
+PACKAGE_FUNCTIONS: list[str] = []
+
+_INT32_RANGE: Final = range(-(2**31), 2**31)
+_UINT32_RANGE: Final = range(2**32)
+_UINT64_RANGE: Final = range(2**64)
+
+
+class _ArgumentError(Exception):
+    """A -2 refusal found while parsing arguments: the call returns its failure value."""
+
+    def __init__(self, message: str, *, raises: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        # The package leaves a Python exception set while returning None: SystemError.
+        self.raises = raises
+
+
+def _wide_length(text: str) -> int:
+    return len(text.encode("utf-16-le")) // 2
+
+
+def _parse_str(value: object, message: str, limit: int = STRING_MAX_CHARS) -> str:
+    if not isinstance(value, str) or _wide_length(value) > limit:
+        raise _ArgumentError(message)
+    return value
+
+
+def _parse_date(value: object, message: str = mt5.MSG_INVALID_ARGUMENTS) -> int:
+    """Seconds since 1970 as the package reads them: int, float (truncated) or datetime.
+
+    A datetime is read with its own ``timestamp()``: a naive one is the host's local time.
+    """
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise _ArgumentError(message)
+        return int(value)
+    if isinstance(value, datetime):
+        try:
+            return int(value.timestamp())
+        except (OverflowError, ValueError, OSError):
+            raise _ArgumentError(message) from None
+    raise _ArgumentError(message)
+
+
+def _parse_unsigned(value: object, message: str, bounds: range = _UINT64_RANGE) -> int:
+    """An int field the package reads with PyLong_AsUnsigned*: out of range leaves
+    OverflowError set (SystemError); not an int is a plain -2."""
+    if not isinstance(value, int):
+        raise _ArgumentError(message)
+    if int(value) not in bounds:
+        raise _ArgumentError(message, raises=OverflowError(
+            "can't convert negative int to unsigned" if value < 0 else "int too big to convert"))
+    return int(value)
+
+
+def _parse_format(code: str, value: object) -> object:
+    """One PyArg_ParseTuple code; its TypeError/OverflowError becomes a SystemError."""
+    if code == "O":
+        return value
+    if code == "p":
+        return bool(value)
+    if code == "d":
+        if isinstance(value, float | int) or hasattr(value, "__float__") \
+                or hasattr(value, "__index__"):
+            try:
+                return float(cast(float, value))
+            except (TypeError, ValueError, OverflowError) as error:
+                raise _ArgumentError(mt5.MSG_INVALID_ARGUMENTS, raises=error) from None
+        raise _ArgumentError(mt5.MSG_INVALID_ARGUMENTS, raises=TypeError(
+            f"must be real number, not {type(value).__name__}"))
+    if code == "k":  # unsigned long, bits masked: any int, nothing else
+        if not isinstance(value, int):
+            raise _ArgumentError(mt5.MSG_INVALID_ARGUMENTS, raises=TypeError(
+                f"integer argument expected, got {type(value).__name__}"))
+        return int(value) & 0xFFFF_FFFF
+    try:  # "i": a C int, from anything with __index__
+        number = operator.index(cast(int, value))
+    except TypeError as error:
+        raise _ArgumentError(mt5.MSG_INVALID_ARGUMENTS, raises=error) from None
+    if number not in _INT32_RANGE:
+        raise _ArgumentError(mt5.MSG_INVALID_ARGUMENTS, raises=OverflowError(
+            "signed integer is greater than maximum" if number > 0
+            else "signed integer is less than minimum"))
+    return number
+
+
+# The positional arguments of the METH_VARARGS functions: counts accepted and how each is
+# read ("str"/"date" by hand: a bad one is -2; "i"/"k"/"d"/"p": PyArg_ParseTuple codes).
+_POSITIONAL: Final[dict[str, tuple[tuple[int, ...], tuple[str, ...]]]] = {
+    "copy_ticks_from": ((4,), ("str", "date", "i", "i")),
+    "copy_ticks_range": ((4,), ("str", "date", "date", "i")),
+    "copy_rates_from": ((4,), ("str", "i", "date", "i")),
+    "copy_rates_from_pos": ((4,), ("str", "i", "i", "i")),
+    "copy_rates_range": ((4,), ("str", "i", "date", "date")),
+    "history_orders_total": ((2,), ("date", "date")),
+    "history_deals_total": ((2,), ("date", "date")),
+    "order_calc_margin": ((4,), ("k", "str", "d", "d")),
+    "order_calc_profit": ((5,), ("k", "str", "d", "d", "d")),
+    "symbol_info": ((1,), ("str",)),
+    "symbol_info_tick": ((1,), ("str",)),
+    "symbol_select": ((1, 2), ("str", "p")),
+    "market_book_add": ((1,), ("str",)),
+    "market_book_release": ((1,), ("str",)),
+    "market_book_get": ((1,), ("str",)),
+}
+
+
+def _parse_positional(name: str, args: tuple[object, ...]) -> tuple[object, ...]:
+    counts, kinds = _POSITIONAL[name]
+    if len(args) not in counts:
+        raise _ArgumentError(mt5.MSG_INVALID_ARGUMENTS)
+    # PyArg_ParseTuple runs first over every argument; then str and dates are checked.
+    parsed = [value if kind in ("str", "date") else _parse_format(kind, value)
+              for kind, value in zip(kinds, args, strict=False)]
+    for i, kind in enumerate(kinds[: len(args)]):
+        if kind == "str":
+            parsed[i] = _parse_str(args[i], mt5.MSG_INVALID_ARGUMENTS)
+        elif kind == "date":
+            parsed[i] = _parse_date(args[i])
+    return tuple(parsed)
+
+
+_Parser = Callable[[tuple[object, ...], dict[str, object]], tuple[tuple[object, ...],
+                                                                   dict[str, object]]]
+
 
 def _mt5_function(
-    *, failure: object, ipc: bool = True
+    *, failure: object, ipc: bool = True, convention: str = "varargs",
+    parse: _Parser | None = None,
 ) -> Callable[
     [Callable[Concatenate[TerminalSimulator, _P], _R]],
     Callable[Concatenate[TerminalSimulator, _P], _R],
 ]:
-    """Wrap a package function: take the lock, refuse bad calls the way the package does.
+    """Wrap a package function: refuse and parse arguments exactly as the package does.
 
-    A call whose arguments do not fit the signature gets (-2, 'Invalid arguments') instead of
-    a TypeError, because the real package parses its own arguments and never raises. With
-    ``ipc`` the call then needs a live pipe to the terminal (see ``_enter_terminal_call``).
+    ``convention`` is the C function's: "noargs" (any argument is a TypeError), "varargs"
+    (keywords are a TypeError; positional arguments are read per ``_POSITIONAL``) or
+    "keywords" (``parse`` reads positional and keyword arguments, ignoring unknown keywords).
+    A refusal sets (-2, message) and returns ``failure``; a refusal the package makes with a
+    Python exception left set raises SystemError from it, as CPython does. Then, with
+    ``ipc``, the call needs a live pipe to the terminal (see ``_enter_terminal_call``).
     """
 
     def decorate(
         function: Callable[Concatenate[TerminalSimulator, _P], _R],
     ) -> Callable[Concatenate[TerminalSimulator, _P], _R]:
-        signature = inspect.signature(function)
         name = function.__name__
+        PACKAGE_FUNCTIONS.append(name)
 
         @functools.wraps(function)
-        def call(self: TerminalSimulator, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        def call(self: TerminalSimulator, /, *args: Any, **kwargs: Any) -> _R:
+            if convention == "noargs" and args:
+                raise TypeError(f"{name}() takes no arguments ({len(args)} given)")
+            if convention != "keywords" and kwargs:
+                raise TypeError(f"{name}() takes no keyword arguments")
             with self._lock:
+                if name != "last_error":
+                    self._last_error = mt5.SUCCESS  # every function starts with Success
                 try:
-                    signature.bind(self, *args, **kwargs)
-                except TypeError:
-                    self._fail(mt5.RES_E_INVALID_PARAMS, mt5.MSG_INVALID_ARGUMENTS)
+                    if convention == "varargs":
+                        args = _parse_positional(name, args)
+                    elif parse is not None:
+                        args, kwargs = parse(args, kwargs)
+                except _ArgumentError as refused:
+                    self._fail(mt5.RES_E_INVALID_PARAMS, refused.message)
+                    if refused.raises is not None:
+                        raise SystemError(f"<built-in function {name}> returned a result "
+                                          f"with an exception set") from refused.raises
                     return cast(_R, failure)
                 if ipc and not self._enter_terminal_call(name):
                     return cast(_R, failure)
@@ -493,6 +652,150 @@ def _mt5_function(
         return call
 
     return decorate
+
+
+# --- argument parsers of the METH_VARARGS|METH_KEYWORDS functions --------------------------
+
+_Args = tuple[tuple[object, ...], dict[str, object]]
+
+
+def _parse_initialize(args: tuple[object, ...], kwargs: dict[str, object]) -> _Args:
+    if len(args) > 1:
+        raise _ArgumentError(mt5.MSG_INVALID_NUMBER_OF_ARGUMENTS)
+    parsed: dict[str, object] = {}
+    if args:
+        parsed["path"] = _parse_str(args[0], mt5.MSG_ORDINAL_ARGUMENT[0], PATH_MAX_CHARS)
+    if "login" in kwargs:
+        parsed["login"] = _parse_unsigned(kwargs["login"], mt5.msg_invalid_request_field("login"))
+    for key in ("server", "password"):
+        if key in kwargs:
+            parsed[key] = _parse_str(kwargs[key], mt5.msg_invalid_request_field(key),
+                                      CREDENTIAL_MAX_CHARS)
+    if "timeout" in kwargs:
+        parsed["timeout"] = _parse_unsigned(kwargs["timeout"],
+                                            mt5.msg_invalid_request_field("timeout"))
+    if "path" in kwargs:
+        parsed["path"] = _parse_str(kwargs["path"], mt5.msg_invalid_request_field("path"),
+                                    PATH_MAX_CHARS)
+    if "portable" in kwargs:
+        parsed["portable"] = bool(kwargs["portable"])
+    return (), parsed
+
+
+def _parse_login(args: tuple[object, ...], kwargs: dict[str, object]) -> _Args:
+    if len(args) > 3 or (not args and "login" not in kwargs):
+        raise _ArgumentError(mt5.MSG_INVALID_NUMBER_OF_ARGUMENTS)
+    parsed: dict[str, object] = {}
+    if args:
+        parsed["login"] = _parse_unsigned(args[0], mt5.MSG_ORDINAL_ARGUMENT[0])
+    else:
+        parsed["login"] = _parse_unsigned(kwargs["login"], mt5.msg_invalid_request_field("login"))
+    for position, key in ((1, "password"), (2, "server")):
+        if len(args) > position:
+            parsed[key] = _parse_str(args[position], mt5.MSG_ORDINAL_ARGUMENT[position],
+                                     CREDENTIAL_MAX_CHARS)
+    for key in ("server", "password"):
+        if key in kwargs:
+            parsed[key] = _parse_str(kwargs[key], mt5.msg_invalid_request_field(key),
+                                      CREDENTIAL_MAX_CHARS)
+    if "timeout" in kwargs:
+        parsed["timeout"] = _parse_unsigned(kwargs["timeout"],
+                                            mt5.msg_invalid_request_field("timeout"))
+    return (), parsed
+
+
+def _parse_filters(args: tuple[object, ...], kwargs: dict[str, object]) -> _Args:
+    """positions_get / orders_get: keywords only."""
+    if args:
+        raise _ArgumentError(mt5.MSG_UNNAMED_ARGUMENTS)
+    parsed: dict[str, object] = {}
+    if "ticket" in kwargs:
+        parsed["ticket"] = _parse_unsigned(kwargs["ticket"], mt5.msg_invalid_request_field(
+            "ticket"))
+    if "symbol" in kwargs:
+        parsed["symbol"] = _parse_str(kwargs["symbol"], mt5.msg_invalid_request_field("symbol"))
+    if "group" in kwargs:
+        parsed["group"] = _parse_str(kwargs["group"], mt5.msg_invalid_request_field("group"),
+                                     GROUP_MAX_CHARS)
+    return (), parsed
+
+
+def _parse_history(args: tuple[object, ...], kwargs: dict[str, object]) -> _Args:
+    """history_*_get: (date_from, date_to[, group=]) or (ticket=) or (position=)."""
+    if len(args) == 2:
+        dates = (_parse_date(args[0]), _parse_date(args[1]))
+        parsed: dict[str, object] = {}
+        if "group" in kwargs:
+            parsed["group"] = _parse_str(kwargs["group"], mt5.msg_invalid_request_field(
+                "group"), GROUP_MAX_CHARS)
+        return dates, parsed
+    if args:
+        raise _ArgumentError(mt5.MSG_UNNAMED_ARGUMENTS)
+    for key in ("ticket", "position"):
+        if key in kwargs:
+            return (), {key: _parse_unsigned(kwargs[key], mt5.msg_invalid_request_field(key))}
+    raise _ArgumentError(mt5.MSG_INVALID_ARGUMENTS)
+
+
+def _parse_request_argument(args: tuple[object, ...], kwargs: dict[str, object]) -> _Args:
+    """order_check / order_send: one dict, or the request's fields as keywords."""
+    if kwargs:
+        if args:
+            raise _ArgumentError(mt5.MSG_UNNAMED_ARGUMENTS)
+        request: object = kwargs
+    elif len(args) != 1:
+        raise _ArgumentError(mt5.MSG_INVALID_NUMBER_OF_ARGUMENTS)
+    else:
+        request = args[0]
+    if not isinstance(request, dict):
+        raise _ArgumentError(mt5.MSG_INVALID_ARGUMENTS)
+    return (make(TradeRequest, **_parse_request_fields(request)),), {}
+
+
+def _parse_symbols_get(args: tuple[object, ...], kwargs: dict[str, object]) -> _Args:
+    if len(args) > 1:
+        raise _ArgumentError(mt5.MSG_INVALID_NUMBER_OF_ARGUMENTS)
+    if args:
+        return (_parse_str(args[0], mt5.MSG_ORDINAL_ARGUMENT[0], GROUP_MAX_CHARS),), {}
+    if "group" in kwargs:
+        return (_parse_str(kwargs["group"], mt5.msg_invalid_request_field("group"),
+                           GROUP_MAX_CHARS),), {}
+    return (), {}
+
+
+# order_send/order_check read the request's keys in this order (the first bad one is named);
+# missing keys stay zero and unknown keys are ignored. "uint" fields take an int, "float"
+# fields a float only (an int volume is refused), "int" an int (expiration: no datetime).
+_REQUEST_FIELDS: Final[tuple[tuple[str, str], ...]] = (
+    ("action", "uint32"), ("magic", "uint"), ("order", "uint"), ("symbol", "str"),
+    ("volume", "float"), ("price", "float"), ("stoplimit", "float"), ("sl", "float"),
+    ("tp", "float"), ("deviation", "uint"), ("type", "uint32"), ("type_filling", "uint32"),
+    ("type_time", "uint32"), ("expiration", "int"), ("comment", "str"), ("position", "uint"),
+    ("position_by", "uint"),
+)
+
+
+def _parse_request_fields(request: dict[Any, Any]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for field, kind in _REQUEST_FIELDS:
+        if field not in request:
+            continue
+        value = request[field]
+        message = mt5.msg_invalid_request_field(field)
+        if kind == "str":
+            values[field] = _parse_str(value, message)
+        elif kind == "float":
+            if not isinstance(value, float):
+                raise _ArgumentError(message)
+            values[field] = float(value)
+        elif kind == "int":
+            if not isinstance(value, int):
+                raise _ArgumentError(message)
+            values[field] = int(value)
+        else:
+            bounds = _UINT32_RANGE if kind == "uint32" else _UINT64_RANGE
+            values[field] = _parse_unsigned(value, message, bounds)
+    return values
 
 
 class TerminalSimulator:
@@ -522,7 +825,9 @@ class TerminalSimulator:
         self._selected = dict.fromkeys(self._specs, True)
 
         self._lock = threading.RLock()
-        self._last_error: tuple[int, str] = mt5.SUCCESS
+        # Before any call the package's error variables are zero and empty.
+        self._last_error: tuple[int, str] = (0, "")
+        self._books: set[str] = set()  # symbols with an open Depth of Market
         self._session = _Session.DETACHED
 
         # Active faults: name -> clock time at which it heals by itself (None: until clear).
@@ -681,7 +986,7 @@ class TerminalSimulator:
 
     # ----------------------------------------------------------------- connection
 
-    @_mt5_function(failure=False, ipc=False)
+    @_mt5_function(failure=False, ipc=False, convention="keywords", parse=_parse_initialize)
     def initialize(
         self,
         path: str | None = None,
@@ -694,19 +999,11 @@ class TerminalSimulator:
     ) -> bool:
         self._expire_faults()
         timed_out = self._pop_timed_out("initialize")
-        if not (
-            (path is None or isinstance(path, str))
-            and (login is None or _is_int(login))
-            and (password is None or isinstance(password, str))
-            and (server is None or isinstance(server, str))
-            and (timeout is None or _is_int(timeout))
-            and isinstance(portable, bool)
-        ):
-            return self._fail(mt5.RES_E_INVALID_PARAMS, mt5.MSG_INVALID_ARGUMENTS, False)
         if "terminal_crash" in self._faults:
             self._session = _Session.DETACHED
             return self._fail(
-                mt5.RES_E_INTERNAL_FAIL_INIT, mt5.MSG_IPC_INIT_PROCESS_CREATE_FAILED, False
+                mt5.RES_E_INTERNAL_FAIL_INIT, mt5.msg_process_create_failed(path or TERMINAL_EXE),
+                False,
             )
         if timed_out or "ipc_timeout" in self._faults:
             self._session = _Session.DETACHED
@@ -720,44 +1017,40 @@ class TerminalSimulator:
         self._session = _Session.ATTACHED
         return self._succeed(True)
 
-    @_mt5_function(failure=False)
+    @_mt5_function(failure=False, convention="keywords", parse=_parse_login)
     def login(
         self,
+        *,
         login: int,
         password: str | None = None,
         server: str | None = None,
         timeout: int | None = None,
     ) -> bool:
-        if not (
-            _is_int(login)
-            and (password is None or isinstance(password, str))
-            and (server is None or isinstance(server, str))
-            and (timeout is None or _is_int(timeout))
-        ):
-            return self._fail(mt5.RES_E_INVALID_PARAMS, mt5.MSG_INVALID_ARGUMENTS, False)
         if "auth_failure" in self._faults:
             return self._fail(mt5.RES_E_AUTH_FAILED, result=False)
         self._switch_account(int(login), server)
         return self._succeed(True)
 
-    @_mt5_function(failure=None, ipc=False)
-    def shutdown(self) -> None:
+    @_mt5_function(failure=None, ipc=False, convention="noargs")
+    def shutdown(self) -> bool:
         self._session = _Session.DETACHED
         self._timed_out_calls.clear()
-        self._last_error = mt5.SUCCESS
+        self._books.clear()
+        return True
 
-    @_mt5_function(failure=None, ipc=False)
+    @_mt5_function(failure=None, ipc=False, convention="noargs")
     def last_error(self) -> tuple[int, str]:
         return self._last_error
 
-    @_mt5_function(failure=None)
+    @_mt5_function(failure=None, convention="noargs")
     def version(self) -> tuple[int, int, str] | None:
         return self._succeed(TERMINAL_VERSION)
 
-    @_mt5_function(failure=None)
+    @_mt5_function(failure=None, convention="noargs")
     def terminal_info(self) -> TerminalInfo | None:
         return self._succeed(
-            TerminalInfo(
+            make(
+                TerminalInfo,
                 community_account=False,
                 community_connection=False,
                 connected="broker_disconnect" not in self._faults,
@@ -783,13 +1076,14 @@ class TerminalSimulator:
             )
         )
 
-    @_mt5_function(failure=None)
+    @_mt5_function(failure=None, convention="noargs")
     def account_info(self) -> AccountInfo | None:
         profit = self._floating_profit()
         equity = round(self._balance + profit, 2)
         margin = self._used_margin()
         return self._succeed(
-            AccountInfo(
+            make(
+                AccountInfo,
                 login=self._login,
                 trade_mode=mt5.ACCOUNT_TRADE_MODE_DEMO,
                 leverage=self._leverage,
@@ -823,14 +1117,12 @@ class TerminalSimulator:
 
     # ----------------------------------------------------------------- symbols
 
-    @_mt5_function(failure=None)
+    @_mt5_function(failure=None, convention="noargs")
     def symbols_total(self) -> int | None:
         return self._succeed(len(self._specs))
 
-    @_mt5_function(failure=None)
+    @_mt5_function(failure=None, convention="keywords", parse=_parse_symbols_get)
     def symbols_get(self, group: str | None = None) -> tuple[SymbolInfo, ...] | None:
-        if group is not None and not isinstance(group, str):
-            return self._fail(mt5.RES_E_INVALID_PARAMS, mt5.MSG_INVALID_ARGUMENTS)
         matches = _group_matcher(group) if group else None
         return self._succeed(
             tuple(
@@ -853,16 +1145,15 @@ class TerminalSimulator:
         second = self._market_second()
         bid, ask = self._quote(spec)
         flags = mt5.TICK_FLAG_BID | mt5.TICK_FLAG_ASK
-        return self._succeed(Tick(second, bid, ask, 0.0, 0, second * 1000, flags, 0.0))
+        return self._succeed(Tick((second, bid, ask, 0.0, 0, second * 1000, flags, 0.0)))
 
     @_mt5_function(failure=False)
-    def symbol_select(self, symbol: str, enable: bool | None = True) -> bool:
-        if not isinstance(symbol, str) or not (enable is None or isinstance(enable, bool)):
-            return self._fail(mt5.RES_E_INVALID_PARAMS, mt5.MSG_INVALID_ARGUMENTS, False)
+    def symbol_select(self, symbol: str, enable: bool = True) -> bool:
         if symbol not in self._specs:
             return self._fail(mt5.RES_E_FAIL, result=False)
-        # The docs: only an explicit False removes; a symbol with open positions stays.
-        select = enable is not False
+        # 'p' in PyArg_ParseTuple: any falsy value (None too) removes; a symbol with open
+        # positions stays.
+        select = bool(enable)
         if not select and any(p.symbol == symbol for p in self._positions.values()):
             return self._fail(mt5.RES_E_FAIL, result=False)
         self._selected[symbol] = select
@@ -990,22 +1281,21 @@ class TerminalSimulator:
 
     # ----------------------------------------------------------------- trading
 
-    @_mt5_function(failure=None)
+    @_mt5_function(failure=None, convention="keywords", parse=_parse_request_argument)
     def order_check(self, request: dict[str, Any]) -> OrderCheckResult | None:
-        trade = self._parse_request(request)
-        if trade is None:
-            return None
+        trade: Any = request  # parsed into a TradeRequest by _parse_request_argument
         retcode = self._terminal_refusal()
         if retcode is None:
             retcode = self._check_request(trade)
         profit = self._floating_profit()
         equity = round(self._balance + profit, 2)
         margin = self._used_margin()
-        if retcode == mt5.ORDER_CHECK_OK and trade.action == mt5.TRADE_ACTION_DEAL:
+        if retcode == mt5.order_check_ok and trade.action == mt5.TRADE_ACTION_DEAL:
             if not trade.position:
                 margin = round(margin + self._margin(self._specs[trade.symbol], trade.volume), 2)
         return self._succeed(
-            OrderCheckResult(
+            make(
+                OrderCheckResult,
                 retcode=retcode,
                 balance=round(self._balance, 2),
                 equity=equity,
@@ -1018,11 +1308,9 @@ class TerminalSimulator:
             )
         )
 
-    @_mt5_function(failure=None)
+    @_mt5_function(failure=None, convention="keywords", parse=_parse_request_argument)
     def order_send(self, request: dict[str, Any]) -> OrderSendResult | None:
-        trade = self._parse_request(request)
-        if trade is None:
-            return None
+        trade: Any = request  # parsed into a TradeRequest by _parse_request_argument
         refusal = self._terminal_refusal()
         if refusal is not None:
             # Refused inside the terminal: the request never reached the server.
@@ -1039,7 +1327,7 @@ class TerminalSimulator:
             )
         else:
             retcode = self._check_request(trade)
-            if retcode == mt5.ORDER_CHECK_OK:
+            if retcode == mt5.order_check_ok:
                 result = self._execute(trade, request_id)
                 self._orders_sent_count += 1
             else:
@@ -1052,47 +1340,45 @@ class TerminalSimulator:
             return self._fail(mt5.RES_E_INTERNAL_FAIL_TIMEOUT)
         return self._succeed(result)
 
-    @_mt5_function(failure=None)
+    @_mt5_function(failure=None, convention="noargs")
     def positions_total(self) -> int | None:
         return self._succeed(len(self._positions))
 
-    @_mt5_function(failure=None)
+    @_mt5_function(failure=None, convention="keywords", parse=_parse_filters)
     def positions_get(
         self,
-        *unnamed: object,
+        *,
         symbol: str | None = None,
         group: str | None = None,
         ticket: int | None = None,
     ) -> tuple[TradePosition, ...] | None:
         return self._select(self._positions.values(), self._marked_position,
-                            unnamed, symbol, group, ticket)
+                            symbol, group, ticket)
 
-    @_mt5_function(failure=None)
+    @_mt5_function(failure=None, convention="noargs")
     def orders_total(self) -> int | None:
         return self._succeed(len(self._pending_orders))
 
-    @_mt5_function(failure=None)
+    @_mt5_function(failure=None, convention="keywords", parse=_parse_filters)
     def orders_get(
         self,
-        *unnamed: object,
+        *,
         symbol: str | None = None,
         group: str | None = None,
         ticket: int | None = None,
     ) -> tuple[TradeOrder, ...] | None:
         return self._select(self._pending_orders.values(), self._marked_order,
-                            unnamed, symbol, group, ticket)
+                            symbol, group, ticket)
 
     def _select(self, items: Iterable[Any], mark: Callable[[Any], Any],
-                unnamed: tuple[object, ...], symbol: str | None, group: str | None,
+                symbol: str | None, group: str | None,
                 ticket: int | None) -> tuple[Any, ...] | None:
         """positions_get / orders_get: the same filters over open positions or orders."""
-        if not self._filters_ok(unnamed, symbol, group, ticket):
-            return None
         return self._succeed(tuple(mark(item) for item in items
                                    if self._passes(item.symbol, item.ticket, symbol, group,
                                                    ticket)))
 
-    @_mt5_function(failure=None)
+    @_mt5_function(failure=None, convention="keywords", parse=_parse_history)
     def history_orders_get(
         self,
         date_from: datetime | int | float | None = None,
@@ -1113,7 +1399,7 @@ class TerminalSimulator:
             )
         )
 
-    @_mt5_function(failure=None)
+    @_mt5_function(failure=None, convention="keywords", parse=_parse_history)
     def history_deals_get(
         self,
         date_from: datetime | int | float | None = None,
@@ -1130,6 +1416,166 @@ class TerminalSimulator:
         return self._succeed(
             tuple(d for d in self._deals if selector(d.symbol, d.time, d.order, d.position_id))
         )
+
+    @_mt5_function(failure=None)
+    def history_orders_total(
+        self, date_from: datetime | int | float, date_to: datetime | int | float
+    ) -> int | None:
+        start, end = cast(int, date_from), cast(int, date_to)
+        return self._succeed(sum(1 for o in self._history_orders if start <= o.time_setup <= end))
+
+    @_mt5_function(failure=None)
+    def history_deals_total(
+        self, date_from: datetime | int | float, date_to: datetime | int | float
+    ) -> int | None:
+        start, end = cast(int, date_from), cast(int, date_to)
+        return self._succeed(sum(1 for d in self._deals if start <= d.time <= end))
+
+    # ----------------------------------------------------------------- calculations
+
+    @_mt5_function(failure=None)
+    def order_calc_margin(
+        self, action: int, symbol: str, volume: float, price: float
+    ) -> float | None:
+        """Margin in the account currency for ``action`` (ORDER_TYPE_BUY/SELL)."""
+        spec = self._lookup_symbol(symbol)
+        if spec is None:
+            return None
+        if action not in _MARKET_TYPES or volume <= 0 or price <= 0:
+            return self._fail(mt5.RES_E_INVALID_PARAMS)
+        return self._succeed(self._margin(spec, volume))
+
+    @_mt5_function(failure=None)
+    def order_calc_profit(
+        self, action: int, symbol: str, volume: float, price_open: float, price_close: float
+    ) -> float | None:
+        """Profit in the account currency of ``action`` (ORDER_TYPE_BUY/SELL) between prices."""
+        spec = self._lookup_symbol(symbol)
+        if spec is None:
+            return None
+        if action not in _MARKET_TYPES or volume <= 0 or price_open <= 0 or price_close <= 0:
+            return self._fail(mt5.RES_E_INVALID_PARAMS)
+        return self._succeed(self._profit(spec, action, price_open, price_close, volume))
+
+    # ----------------------------------------------------------------- depth of market
+
+    @_mt5_function(failure=False)
+    def market_book_add(self, symbol: str) -> bool:
+        if self._lookup_symbol(symbol) is None:
+            return False
+        self._books.add(symbol)
+        return self._succeed(True)
+
+    @_mt5_function(failure=False)
+    def market_book_release(self, symbol: str) -> bool:
+        if symbol not in self._books:
+            return self._fail(mt5.RES_E_FAIL, result=False)
+        self._books.discard(symbol)
+        return self._succeed(True)
+
+    @_mt5_function(failure=None)
+    def market_book_get(self, symbol: str) -> tuple[BookInfo, ...] | None:
+        """The book opened by ``market_book_add``: sell levels from the top, then buy levels."""
+        spec = self._lookup_symbol(symbol)
+        if spec is None:
+            return None
+        if symbol not in self._books:
+            return self._fail(mt5.RES_E_FAIL)
+        bid, ask = self._quote(spec)
+        step = spec.point * max(1, spec.spread_points // 2)
+        depth = _BOOK_DEPTH // 2
+        sells = [make(
+            BookInfo, type=mt5.BOOK_TYPE_SELL, price=round(ask + i * step, spec.digits),
+                      volume=10 * (i + 1), volume_dbl=10.0 * (i + 1))
+                 for i in reversed(range(depth))]
+        buys = [make(
+            BookInfo, type=mt5.BOOK_TYPE_BUY, price=round(bid - i * step, spec.digits),
+                     volume=10 * (i + 1), volume_dbl=10.0 * (i + 1))
+                for i in range(depth)]
+        return self._succeed(tuple(sells + buys))
+
+    # ----------------------------------------------------------------- Python helpers
+    # Buy, Sell and Close are written in Python in the package's __init__.py, on top of
+    # order_send, positions_get and symbol_info_tick; these are the same code.
+
+    def _raw_order(self, order_type: int, symbol: str, volume: Any, price: Any,
+                   comment: str | None = None, ticket: int | None = None) -> Any:
+        order: dict[str, Any] = {
+            "action": mt5.TRADE_ACTION_DEAL,
+            "symbol": symbol,
+            "volume": volume,
+            "type": order_type,
+            "price": price,
+            "deviation": 10,
+        }
+        if comment is not None:
+            order["comment"] = comment
+        if ticket is not None:
+            order["position"] = ticket
+        return self.order_send(order)
+
+    def Close(  # noqa: N802 - the package's name
+        self, symbol: str, *, comment: str | None = None, ticket: int | None = None
+    ) -> bool | str | None:
+        """Close the positions on ``symbol`` (or the one ``ticket``): True, "Partially",
+        False, or None when a tick or an answer is missing."""
+        if ticket is not None:
+            positions = self.positions_get(ticket=ticket)
+        else:
+            positions = self.positions_get(symbol=symbol)
+        tried = 0
+        done = 0
+        for pos in positions:  # None raises TypeError, as in the package
+            if pos.type in (mt5.ORDER_TYPE_BUY, mt5.ORDER_TYPE_SELL):
+                tried += 1
+                for _ in range(10):
+                    info = self.symbol_info_tick(symbol)
+                    if info is None:
+                        return None
+                    if pos.type == mt5.ORDER_TYPE_BUY:
+                        r = self._raw_order(mt5.ORDER_TYPE_SELL, symbol, pos.volume, info.bid,
+                                            comment, pos.ticket)
+                    else:
+                        r = self._raw_order(mt5.ORDER_TYPE_BUY, symbol, pos.volume, info.ask,
+                                            comment, pos.ticket)
+                    if r is None:
+                        return None
+                    if r.retcode not in (mt5.TRADE_RETCODE_REQUOTE, mt5.TRADE_RETCODE_PRICE_OFF):
+                        if r.retcode == mt5.TRADE_RETCODE_DONE:
+                            done += 1
+                        break
+        if done > 0:
+            return True if done == tried else "Partially"
+        return False
+
+    def Buy(  # noqa: N802 - the package's name
+        self, symbol: str, volume: Any, price: Any = None, *, comment: str | None = None,
+        ticket: int | None = None,
+    ) -> Any:
+        """A market buy; without a price, retried at the current ask on requotes."""
+        return self._market_helper(mt5.ORDER_TYPE_BUY, symbol, volume, price, comment, ticket)
+
+    def Sell(  # noqa: N802 - the package's name
+        self, symbol: str, volume: Any, price: Any = None, *, comment: str | None = None,
+        ticket: int | None = None,
+    ) -> Any:
+        """A market sell; without a price, retried at the current bid on requotes."""
+        return self._market_helper(mt5.ORDER_TYPE_SELL, symbol, volume, price, comment, ticket)
+
+    def _market_helper(self, order_type: int, symbol: str, volume: Any, price: Any,
+                       comment: str | None, ticket: int | None) -> Any:
+        if price is not None:
+            return self._raw_order(order_type, symbol, volume, price, comment, ticket)
+        r = None
+        for _ in range(10):
+            info = self.symbol_info_tick(symbol)  # None raises AttributeError, as in the package
+            quote = info.ask if order_type == mt5.ORDER_TYPE_BUY else info.bid
+            r = self._raw_order(order_type, symbol, volume, quote, comment, ticket)
+            if r is None:
+                return None
+            if r.retcode not in (mt5.TRADE_RETCODE_REQUOTE, mt5.TRADE_RETCODE_PRICE_OFF):
+                break
+        return r
 
     # ================================================================= internals
 
@@ -1237,7 +1683,8 @@ class TerminalSimulator:
             spec.point * spec.contract_size, spec.currency_profit
         )
         selected = self._selected[spec.name]
-        return SymbolInfo(
+        return make(
+            SymbolInfo,
             select=selected,
             visible=selected,
             time=second,
@@ -1251,7 +1698,7 @@ class TerminalSimulator:
             swap_mode=1,
             swap_rollover3days=3,
             expiration_mode=15,
-            filling_mode=mt5.SYMBOL_FILLING_FOK | mt5.SYMBOL_FILLING_IOC,
+            filling_mode=mt5.symbol_filling_fok | mt5.symbol_filling_ioc,
             order_mode=127,
             bid=bid,
             bidhigh=float(day["high"]),
@@ -1371,56 +1818,17 @@ class TerminalSimulator:
         bid, ask = self._quote(spec)
         current = bid if position.type == mt5.POSITION_TYPE_BUY else ask
         profit = self._profit(spec, position.type, position.price_open, current, position.volume)
-        return position._replace(price_current=current, profit=profit)
+        return replace(position, price_current=current, profit=profit)
 
     def _marked_order(self, order: TradeOrder) -> TradeOrder:
         bid, ask = self._quote(self._specs[order.symbol])
-        return order._replace(price_current=ask if order.type in _BUY_TYPES else bid)
+        return replace(order, price_current=ask if order.type in _BUY_TYPES else bid)
 
     def _floating_profit(self) -> float:
         profits = (self._marked_position(p).profit for p in self._positions.values())
         return round(sum(profits, 0.0), 2)
 
     # --- trade requests
-
-    def _parse_request(self, request: object) -> TradeRequest | None:
-        """The request as a TradeRequest, or None with the package's -2 error."""
-        if not isinstance(request, dict):
-            return self._fail(mt5.RES_E_INVALID_PARAMS, mt5.MSG_INVALID_ARGUMENTS)
-        values: dict[str, Any] = {}
-        for field, value in request.items():
-            default = TradeRequest._field_defaults.get(field)
-            if default is None:
-                return self._bad_field(str(field))
-            if field == "expiration":
-                moment = _as_timestamp(value)
-                if moment is None or moment < 0:
-                    return self._bad_field(field)
-                values[field] = int(moment)
-            elif isinstance(default, str):
-                if not isinstance(value, str):
-                    return self._bad_field(field)
-                values[field] = value
-            elif isinstance(default, float):
-                number = _as_float(value)
-                if number is None:
-                    return self._bad_field(field)
-                values[field] = number
-            else:
-                if not _is_int(value) or value < 0:
-                    return self._bad_field(field)
-                values[field] = int(value)
-        if "action" not in values:
-            return self._bad_field("action")
-        if len(values.get("comment", "")) > COMMENT_MAX_LENGTH:
-            return self._bad_field("comment")
-        needs_volume = values["action"] in (mt5.TRADE_ACTION_DEAL, mt5.TRADE_ACTION_PENDING)
-        if needs_volume and "volume" not in values:
-            return self._bad_field("volume")
-        return TradeRequest(**values)
-
-    def _bad_field(self, field: str) -> None:
-        return self._fail(mt5.RES_E_INVALID_PARAMS, mt5.msg_invalid_request_field(field))
 
     def _terminal_refusal(self) -> int | None:
         """A retcode the terminal answers itself, without asking the trade server."""
@@ -1473,7 +1881,7 @@ class TerminalSimulator:
             equity = self._balance + self._floating_profit()
             if self._margin(spec, trade.volume) > equity - self._used_margin():
                 return mt5.TRADE_RETCODE_NO_MONEY
-            return mt5.ORDER_CHECK_OK
+            return mt5.order_check_ok
         if trade.action == mt5.TRADE_ACTION_PENDING:
             spec = self._specs.get(trade.symbol)
             if spec is None or trade.type not in _PENDING_TYPES:
@@ -1484,7 +1892,7 @@ class TerminalSimulator:
                 return mt5.TRADE_RETCODE_INVALID_PRICE
             if not self._stops_ok(trade.type, trade.price, trade.sl, trade.tp):
                 return mt5.TRADE_RETCODE_INVALID_STOPS
-            return mt5.ORDER_CHECK_OK
+            return mt5.order_check_ok
         if trade.action == mt5.TRADE_ACTION_SLTP:
             position = self._positions.get(trade.position)
             if position is None and not trade.position:
@@ -1497,7 +1905,7 @@ class TerminalSimulator:
                 return mt5.TRADE_RETCODE_INVALID_STOPS
             if (trade.sl, trade.tp) == (position.sl, position.tp):
                 return mt5.TRADE_RETCODE_NO_CHANGES
-            return mt5.ORDER_CHECK_OK
+            return mt5.order_check_ok
         if trade.action == mt5.TRADE_ACTION_MODIFY:
             order = self._pending_orders.get(trade.order)
             if order is None:
@@ -1507,11 +1915,11 @@ class TerminalSimulator:
                 return mt5.TRADE_RETCODE_INVALID_PRICE
             if not self._stops_ok(order.type, trade.price, trade.sl, trade.tp):
                 return mt5.TRADE_RETCODE_INVALID_STOPS
-            return mt5.ORDER_CHECK_OK
+            return mt5.order_check_ok
         if trade.action == mt5.TRADE_ACTION_REMOVE:
             if trade.order not in self._pending_orders:
                 return mt5.TRADE_RETCODE_INVALID
-            return mt5.ORDER_CHECK_OK
+            return mt5.order_check_ok
         return mt5.TRADE_RETCODE_INVALID  # CLOSE_BY and unknown actions are not simulated
 
     def _check_close(self, trade: TradeRequest) -> int:
@@ -1527,7 +1935,7 @@ class TerminalSimulator:
             return mt5.TRADE_RETCODE_INVALID_VOLUME
         if trade.volume > position.volume + _VOLUME_EPSILON:
             return mt5.TRADE_RETCODE_INVALID_CLOSE_VOLUME
-        return mt5.ORDER_CHECK_OK
+        return mt5.order_check_ok
 
     def _send_result(
         self,
@@ -1542,7 +1950,8 @@ class TerminalSimulator:
         ask: float = 0.0,
         request_id: int = 0,
     ) -> OrderSendResult:
-        return OrderSendResult(
+        return make(
+            OrderSendResult,
             retcode=retcode,
             deal=deal,
             order=order,
@@ -1578,21 +1987,21 @@ class TerminalSimulator:
         if trade.action == mt5.TRADE_ACTION_SLTP:
             position = self._positions[trade.position]
             seconds, msc = self._stamp()
-            self._positions[trade.position] = position._replace(
+            self._positions[trade.position] = replace(position,
                 sl=trade.sl, tp=trade.tp, time_update=seconds, time_update_msc=msc
             )
             # The real answer to an SL/TP change carries no order, deal or prices.
             return self._send_result(trade, done, request_id=request_id)
         order = self._pending_orders[trade.order]
         if trade.action == mt5.TRADE_ACTION_MODIFY:
-            self._pending_orders[trade.order] = order._replace(
+            self._pending_orders[trade.order] = replace(order,
                 price_open=trade.price, sl=trade.sl, tp=trade.tp, time_expiration=trade.expiration
             )
         else:  # REMOVE: the order leaves for the history as canceled
             seconds, msc = self._stamp()
             del self._pending_orders[trade.order]
             self._history_orders.append(
-                self._marked_order(order)._replace(
+                replace(self._marked_order(order),
                     state=mt5.ORDER_STATE_CANCELED, time_done=seconds, time_done_msc=msc
                 )
             )
@@ -1611,7 +2020,8 @@ class TerminalSimulator:
         position_id = closing.identifier if closing is not None else order_ticket
         profit = 0.0
         if closing is None:
-            self._positions[order_ticket] = TradePosition(
+            self._positions[order_ticket] = make(
+                TradePosition,
                 ticket=order_ticket,
                 time=seconds,
                 time_msc=msc,
@@ -1639,11 +2049,12 @@ class TerminalSimulator:
             if remaining <= _VOLUME_EPSILON:
                 del self._positions[closing.ticket]
             else:
-                self._positions[closing.ticket] = closing._replace(
+                self._positions[closing.ticket] = replace(closing,
                     volume=remaining, time_update=seconds, time_update_msc=msc
                 )
         self._history_orders.append(
-            TradeOrder(
+            make(
+                TradeOrder,
                 ticket=order_ticket,
                 time_setup=seconds,
                 time_setup_msc=msc,
@@ -1671,7 +2082,8 @@ class TerminalSimulator:
             )
         )
         self._deals.append(
-            TradeDeal(
+            make(
+                TradeDeal,
                 ticket=deal_ticket,
                 order=order_ticket,
                 time=seconds,
@@ -1710,7 +2122,8 @@ class TerminalSimulator:
         bid, ask = self._quote(spec)
         seconds, msc = self._stamp()
         ticket = self._new_order_ticket()
-        self._pending_orders[ticket] = TradeOrder(
+        self._pending_orders[ticket] = make(
+            TradeOrder,
             ticket=ticket,
             time_setup=seconds,
             time_setup_msc=msc,
@@ -1748,19 +2161,6 @@ class TerminalSimulator:
         )
 
     # --- filters for positions, orders and history
-
-    def _filters_ok(
-        self, unnamed: tuple[object, ...], symbol: object, group: object, ticket: object
-    ) -> bool:
-        if unnamed:
-            return self._fail(mt5.RES_E_INVALID_PARAMS, mt5.MSG_UNNAMED_ARGUMENTS, False)
-        if not (
-            (symbol is None or isinstance(symbol, str))
-            and (group is None or isinstance(group, str))
-            and (ticket is None or _is_int(ticket))
-        ):
-            return self._fail(mt5.RES_E_INVALID_PARAMS, mt5.MSG_INVALID_ARGUMENTS, False)
-        return True
 
     @staticmethod
     def _passes(
@@ -1801,3 +2201,11 @@ class TerminalSimulator:
             return start <= time <= end and (matches is None or matches(symbol))
 
         return selected
+
+
+# The package's module constants and identity, as attributes: a simulator instance reads like
+# ``import MetaTrader5 as mt5`` (``sim.TIMEFRAME_H1``, ``sim.__version__``).
+for _name, _value in mt5.PACKAGE_CONSTANTS.items():
+    setattr(TerminalSimulator, _name, _value)
+TerminalSimulator.__version__ = PACKAGE_VERSION  # type: ignore[attr-defined]
+TerminalSimulator.__author__ = PACKAGE_AUTHOR  # type: ignore[attr-defined]

@@ -1,16 +1,22 @@
-"""The records the ``MetaTrader5`` package returns, with the real field names and order.
+"""The records the ``MetaTrader5`` package returns, with the real type names and field order.
 
-The package returns named tuples (``account_info()``, ``symbol_info_tick()``, ``order_send()``...)
-and numpy structured arrays (``copy_rates_*``, ``copy_ticks_*``). Field names and order below
-are copied from the outputs printed in the MQL5 reference and in the MQL5 book ("Native python
-support"), so ``tuple(x)``, ``x._asdict()`` and ``x[i]`` behave as with the real package.
-``SymbolInfo`` has all 96 fields of the real one, in the same order; the simulator fills in the
-ones a bot reads and leaves the exchange-only ones (options, greeks, sessions) at zero.
+The real package returns C struct sequences (``PyStructSequence``, like ``os.stat_result``):
+tuples with named fields, ``n_fields``/``n_sequence_fields``/``n_unnamed_fields``, one extra
+method ``_asdict()``, and no ``_replace``/``_fields``/``_make`` (they are not namedtuples).
+The types below are built the same way, through CPython's own ``PyStructSequence_NewType``,
+so they behave exactly like the real ones; their names, docstrings and field order are those
+of the compiled module (``actors/mt5/reference/mt5_reference.json``, checked by
+``tests/test_mt5_fidelity.py``). Build one with ``make(Type, field=value, ...)`` (missing
+fields take the defaults below) and derive one with ``replace(record, field=value)``.
+
+Arrays (``copy_rates_*``, ``copy_ticks_*``) are numpy structured arrays with the dtypes below.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import ctypes
+import warnings
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -43,7 +49,11 @@ TICKS_DTYPE = np.dtype(
 )
 
 
-class TerminalInfo(NamedTuple):
+# Field specifications (names in the real order, types, defaults for ``make``); the record
+# types themselves are built from them at the end of this module.
+
+
+class _TerminalInfoFields(NamedTuple):
     community_account: bool
     community_connection: bool
     connected: bool
@@ -68,7 +78,7 @@ class TerminalInfo(NamedTuple):
     commondata_path: str
 
 
-class AccountInfo(NamedTuple):
+class _AccountInfoFields(NamedTuple):
     login: int
     trade_mode: int
     leverage: int
@@ -99,7 +109,7 @@ class AccountInfo(NamedTuple):
     company: str
 
 
-class SymbolInfo(NamedTuple):
+class _SymbolInfoFields(NamedTuple):
     custom: bool = False
     chart_mode: int = 0
     select: bool = False
@@ -198,7 +208,14 @@ class SymbolInfo(NamedTuple):
     path: str = ""
 
 
-class Tick(NamedTuple):
+class _BookInfoFields(NamedTuple):
+    type: int = 0
+    price: float = 0.0
+    volume: int = 0
+    volume_dbl: float = 0.0
+
+
+class _TickFields(NamedTuple):
     time: int
     bid: float
     ask: float
@@ -209,7 +226,7 @@ class Tick(NamedTuple):
     volume_real: float
 
 
-class TradeRequest(NamedTuple):
+class _TradeRequestFields(NamedTuple):
     action: int = 0
     magic: int = 0
     order: int = 0
@@ -229,7 +246,7 @@ class TradeRequest(NamedTuple):
     position_by: int = 0
 
 
-class OrderCheckResult(NamedTuple):
+class _OrderCheckResultFields(NamedTuple):
     retcode: int
     balance: float
     equity: float
@@ -238,10 +255,10 @@ class OrderCheckResult(NamedTuple):
     margin_free: float
     margin_level: float
     comment: str
-    request: TradeRequest
+    request: Any
 
 
-class OrderSendResult(NamedTuple):
+class _OrderSendResultFields(NamedTuple):
     retcode: int
     deal: int
     order: int
@@ -252,10 +269,10 @@ class OrderSendResult(NamedTuple):
     comment: str
     request_id: int
     retcode_external: int
-    request: TradeRequest
+    request: Any
 
 
-class TradePosition(NamedTuple):
+class _TradePositionFields(NamedTuple):
     ticket: int
     time: int
     time_msc: int
@@ -277,7 +294,7 @@ class TradePosition(NamedTuple):
     external_id: str
 
 
-class TradeOrder(NamedTuple):
+class _TradeOrderFields(NamedTuple):
     ticket: int
     time_setup: int
     time_setup_msc: int
@@ -304,7 +321,7 @@ class TradeOrder(NamedTuple):
     external_id: str
 
 
-class TradeDeal(NamedTuple):
+class _TradeDealFields(NamedTuple):
     ticket: int
     order: int
     time: int
@@ -323,3 +340,98 @@ class TradeDeal(NamedTuple):
     symbol: str
     comment: str
     external_id: str
+
+
+# --- struct sequences -----------------------------------------------------------------------
+
+
+class _Field(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char_p), ("doc", ctypes.c_char_p)]
+
+
+class _Desc(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char_p), ("doc", ctypes.c_char_p),
+                ("fields", ctypes.POINTER(_Field)), ("n_in_sequence", ctypes.c_int)]
+
+
+_new_type = ctypes.pythonapi.PyStructSequence_NewType
+_new_type.restype = ctypes.py_object
+_new_type.argtypes = [ctypes.POINTER(_Desc)]
+# The type keeps pointers into its description (names), so they must live as long as it.
+_KEEP_ALIVE: list[object] = []
+_SPECS: dict[type, type] = {}
+
+
+def _asdict(self: tuple[Any, ...]) -> dict[str, Any]:
+    """Convert named tuple object to dictionary"""
+    return dict(zip(type(self).__match_args__, self, strict=True))
+
+
+def _struct_sequence(name: str, doc: str, spec: type) -> type:
+    fields = spec._fields  # type: ignore[attr-defined]
+    names = [field.encode() for field in fields]
+    table = (_Field * (len(names) + 1))(*(_Field(n, None) for n in names), _Field(None, None))
+    desc = _Desc(name.encode(), doc.encode(), table, len(names))
+    with warnings.catch_warnings():  # "builtin type X has no __module__": set just below
+        warnings.simplefilter("ignore", DeprecationWarning)
+        record_type = _new_type(ctypes.byref(desc))
+    _KEEP_ALIVE.append((names, table, desc))
+    # The real types live in no module; ours say where they are so a record can be pickled
+    # (e.g. across a worker process pipe). Repr and type name stay the real ones.
+    record_type.__module__ = __name__
+    record_type._asdict = _asdict
+    _SPECS[record_type] = spec
+    return record_type
+
+
+TerminalInfo: Any = _struct_sequence(
+    "TerminalInfo", "This is a structure for storing terminal information", _TerminalInfoFields)
+AccountInfo: Any = _struct_sequence(
+    "AccountInfo", "This is a structure for storing account information", _AccountInfoFields)
+SymbolInfo: Any = _struct_sequence(
+    "SymbolInfo", "This is a structure for storing symbol information", _SymbolInfoFields)
+Tick: Any = _struct_sequence(
+    "Tick", "This is a structure for storing latest symbol prices", _TickFields)
+BookInfo: Any = _struct_sequence(
+    "BookInfo", "This is a structure for storing Depth of Market information", _BookInfoFields)
+TradeRequest: Any = _struct_sequence("TradeRequest", "Trade request structure", _TradeRequestFields)
+OrderCheckResult: Any = _struct_sequence(
+    "OrderCheckResult", "order_check result structure", _OrderCheckResultFields)
+OrderSendResult: Any = _struct_sequence(
+    "OrderSendResult", "order_send result structure", _OrderSendResultFields)
+TradePosition: Any = _struct_sequence(
+    "TradePosition", "Trade position structure", _TradePositionFields)
+TradeOrder: Any = _struct_sequence("TradeOrder", "Trade order structure", _TradeOrderFields)
+TradeDeal: Any = _struct_sequence("TradeDeal", "Trade deal structure", _TradeDealFields)
+
+RECORD_TYPES: tuple[Any, ...] = (
+    Tick, OrderSendResult, TradePosition, BookInfo, AccountInfo, TradeOrder, OrderCheckResult,
+    SymbolInfo, TerminalInfo, TradeDeal, TradeRequest)
+
+_R = TypeVar("_R")
+
+
+def field_names(record_type: Any) -> tuple[str, ...]:
+    """The field names of a record type, in order (the real types have no ``_fields``)."""
+    return tuple(record_type.__match_args__)
+
+
+def field_defaults(record_type: Any) -> dict[str, Any]:
+    """The value each field takes when ``make`` is not given it (absent: required)."""
+    return dict(_SPECS[record_type]._field_defaults)  # type: ignore[attr-defined]
+
+
+def make(record_type: Any, /, **values: Any) -> Any:
+    """A record from field values; fields not given take their defaults."""
+    spec = _SPECS[record_type]
+    return record_type(tuple(spec(**values)))
+
+
+def replace(record: _R, /, **changes: Any) -> _R:
+    """A copy of ``record`` with some fields changed (what ``_replace`` is to a namedtuple)."""
+    values = record._asdict()  # type: ignore[attr-defined]
+    unknown = set(changes) - set(values)
+    if unknown:
+        raise TypeError(f"{type(record).__name__} has no field(s) {sorted(unknown)}")
+    values.update(changes)
+    return type(record)(tuple(values.values()))  # type: ignore[call-arg]

@@ -103,7 +103,13 @@ class InlineWorker:
                 await released.wait()
         if self._retired:
             raise WorkerLost("the terminal worker was retired")
-        result = getattr(self.backend, name)(*args, **kwargs)
+        try:
+            result = getattr(self.backend, name)(*args, **kwargs)
+        except Exception:
+            # The package raises for some bad arguments (TypeError, SystemError): the call
+            # has returned, so the worker is not wedged.
+            self.wedged = False
+            raise
         error = self.backend.last_error()
         self.wedged = False
         return result, error

@@ -39,15 +39,19 @@ from typing import Any
 import attrs
 
 __all__ = [
+    "DEDUP_KEYS",
     "EVENTS_COLUMNS",
     "EVENTS_TABLE",
     "POSTGRESQL",
     "QUESTDB",
+    "QUESTDB_COLUMN_TYPES",
     "Dialect",
+    "TableVerdict",
     "detect_dialect",
     "dialect_named",
     "event_row",
     "parse_event_ts",
+    "verify_questdb_table",
 ]
 
 EVENTS_TABLE = "supervision_events"
@@ -178,6 +182,62 @@ class Dialect:
         if value.tzinfo is None:
             return value.replace(tzinfo=UTC)
         return value.astimezone(UTC)
+
+
+# What a QuestDB events table must look like for exactly-once replay (tables() and
+# table_columns() report these type names).
+QUESTDB_COLUMN_TYPES: dict[str, str] = {
+    "seq": "LONG", "ts": "TIMESTAMP", "actor": "SYMBOL", "kind": "SYMBOL",
+    "from_state": "SYMBOL", "to_state": "SYMBOL", "attempt": "INT", "delay_s": "DOUBLE",
+    "error_code": "SYMBOL", "error_message": "VARCHAR", "payload": "VARCHAR",
+}
+DEDUP_KEYS = ("ts", "seq")
+
+
+@attrs.frozen
+class TableVerdict:
+    """What is wrong with an existing QuestDB events table: ``problems`` (no safe repair: an
+    operator must act; persisting is held until then) and ``repairs`` (statements that make
+    it right without losing rows)."""
+
+    problems: tuple[str, ...] = ()
+    repairs: tuple[str, ...] = ()
+
+
+def verify_questdb_table(table: str, info: Mapping[str, Any] | None,
+                         columns: list[Mapping[str, Any]]) -> TableVerdict:
+    """Judge a QuestDB table from its ``tables()`` row and ``table_columns()`` rows (pure).
+
+    Exactly-once replay rests on a WAL table with designated timestamp ``ts`` and
+    ``DEDUP UPSERT KEYS(ts, seq)``. A lost DEDUP is repaired (``ALTER TABLE ... DEDUP ENABLE
+    UPSERT KEYS(ts, seq)``: rows already doubled stay doubled, later ones are not). A non-WAL
+    table, another designated timestamp or missing/mistyped columns cannot be repaired in
+    place: the verdict names the problem and the remedy."""
+    if info is None:
+        return TableVerdict(problems=(f"table {table} does not exist",))
+    problems: list[str] = []
+    repairs: list[str] = []
+    by_name = {str(c["column"]): c for c in columns}
+    for name, wanted in QUESTDB_COLUMN_TYPES.items():
+        column = by_name.get(name)
+        if column is None:
+            problems.append(f"table {table} has no column {name} ({wanted}): add it with "
+                            f"ALTER TABLE {table} ADD COLUMN {name} {wanted}")
+        elif str(column["type"]).upper() != wanted:
+            problems.append(f"table {table} column {name} is {column['type']}, not {wanted}: "
+                            f"rename the table and let the runtime create it again")
+    designated = info.get("designatedTimestamp")
+    if designated != "ts":
+        problems.append(f"table {table} has designated timestamp {designated!r}, not 'ts': "
+                        f"rename the table and let the runtime create it again")
+    if not info.get("walEnabled"):
+        problems.append(f"table {table} is not a WAL table, so it cannot deduplicate replays: "
+                        f"ALTER TABLE {table} SET TYPE WAL, then restart QuestDB")
+    keys = {name for name, c in by_name.items() if c.get("upsertKey")}
+    if info.get("walEnabled") and designated == "ts" and not (
+            info.get("dedup") and keys == set(DEDUP_KEYS)):
+        repairs.append(f"ALTER TABLE {table} DEDUP ENABLE UPSERT KEYS({', '.join(DEDUP_KEYS)})")
+    return TableVerdict(tuple(problems), tuple(repairs))
 
 
 QUESTDB = Dialect("questdb")

@@ -17,6 +17,8 @@ provoked for real against PostgreSQL 18 and asyncpg 0.32 in ``tests/test_db_erro
   raises it, with an empty message, for a connect timeout, a pool ``acquire`` timeout and a
   ``timeout=``/``command_timeout`` that expired -> connection. A hung server and a slow query
   look the same from here; the caller's own deadline (``TIMEOUT``) is the actor's business.
+  (The actor tells them apart before they get here: a statement that times out on an
+  acquired, live session is re-raised as ``QueryTimeout``, a ``TIMEOUT`` query failure.)
 * ``asyncpg.PostgresConnectionError`` (SQLSTATE class 08) and its subclasses, notably
   ``ConnectionDoesNotExistError`` ("connection was closed in the middle of operation"), which
   is what a query sees when the server is killed, shut down (fast/immediate) or terminates the
@@ -55,6 +57,12 @@ provoked for real against PostgreSQL 18 and asyncpg 0.32 in ``tests/test_db_erro
   which arrive with SQLSTATE ``00000`` and severity ``ERROR`` and therefore as asyncpg's
   ``UnknownPostgresError`` (a ``FatalPostgresError`` subclass by asyncpg's naming, but the
   session is fine: the severity is what counts).
+* QuestDB sends nearly every error with SQLSTATE ``00000`` and severity ``ERROR``, so only its
+  message text tells what happened (verified against QuestDB 9.3 in
+  ``tests/test_questdb_real.py``): ``invalid username/password`` (a refused startup) is a
+  connection failure (``_QUESTDB_CONNECTION_MESSAGES``). ``cancelled by user`` (a running query
+  cancelled by SIGTERM or ``CANCEL QUERY``) stays a query failure, like PostgreSQL's 57014:
+  the next call on the dead session fails with a connection error anyway.
 * Anything else (``ValueError``, ``TypeError``, ``KeyError``...) -> ``INTERNAL``. Never pass
   a cancellation (``trio.Cancelled``, ``asyncio.CancelledError``, ``KeyboardInterrupt``) here:
   re-raise it; it is not a failure of the database.
@@ -88,13 +96,19 @@ CONNECTION_SQLSTATE_PREFIXES = ("08", "57P")
 CONNECTION_SQLSTATES = frozenset({"53300"})  # too_many_connections (refused at startup)
 _SESSION_ENDING_SEVERITIES = frozenset({"FATAL", "PANIC"})
 
+# QuestDB (SQLSTATE 00000) messages after which no session exists. Only what was seen from a
+# real QuestDB 9.3: its refused login.
+_QUESTDB_CONNECTION_MESSAGES = re.compile(r"invalid username/password", re.IGNORECASE)
 _CLOSED_INTERFACE = re.compile(r"\b(connection|pool) is (closed|closing)\b", re.IGNORECASE)
 # asyncpg's InternalClientError messages that mean the protocol state machine of this
 # connection is wrecked (coreproto.pyx ``_set_state``, ``_ensure_connected``, the ERROR_CONSUME
 # and authentication paths): the session cannot be used again.
 _BROKEN_PROTOCOL = re.compile(
     r"cannot switch to|protocol is in|not connected|unexpected state"
-    r"|error in protocol implementation|while performing authentication",
+    r"|error in protocol implementation|while performing authentication"
+    # The pool's bookkeeping of a connection that died under a call (seen once when the
+    # server was killed mid-query): only a fresh connection helps.
+    r"|called on a free connection holder",
     re.IGNORECASE,
 )
 
@@ -128,6 +142,8 @@ def is_connection_error(exc: BaseException) -> bool:
             or sqlstate.startswith(CONNECTION_SQLSTATE_PREFIXES)
             or sqlstate in CONNECTION_SQLSTATES
             or severity in _SESSION_ENDING_SEVERITIES
+            or (sqlstate in ("", "00000")
+                and bool(_QUESTDB_CONNECTION_MESSAGES.search(str(exc))))
         )
     if isinstance(exc, asyncpg.InterfaceError):
         return bool(_CLOSED_INTERFACE.search(str(exc)))

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import hashlib
 import importlib.util
 import logging
 import os
@@ -69,7 +70,10 @@ _STOP_SIGNALS = {
 }
 
 # Files in a data directory that belong to one running server, never copied from a template.
-_TEMPLATE_IGNORE = ("postmaster.pid", "postmaster.opts", "server.log")
+_TEMPLATE_IGNORE = ("postmaster.pid", "postmaster.opts", "server.log", ".s.PGSQL.*")
+
+# A unix socket path is limited to 107 bytes; ".s.PGSQL.65535.lock" takes 20 of them.
+_MAX_SOCKET_DIR_LEN = 80
 
 _LOG_NAME = "server.log"
 _POLL_S = 0.02
@@ -125,11 +129,16 @@ class EmbeddedPostgres:
 
     ``password=None`` initialises the cluster with ``trust`` authentication; with a password,
     TCP connections need it (``scram-sha-256``) and the unix socket stays ``trust`` (its
-    directory is private to the server's user). ``durable=False`` skips fsync (initdb
-    ``--no-sync``; server ``fsync=off``, ``full_page_writes=off``): faster, still safe against
-    a killed server (every commit has written its WAL to the OS, which keeps it), not against
-    an OS crash or a power cut. Use it for tests only. (``synchronous_commit=off`` would not
-    be safe even against kill -9: commits acknowledged but still in WAL buffers are lost.)
+    directory is private to the server's user). ``superuser_over_tcp=False`` (what the
+    runtime uses) never trusts TCP: ``pg_hba.conf`` is rewritten at every start to require
+    ``scram-sha-256`` and to reject the superuser over TCP; :meth:`psql` administers the
+    server over the unix socket, which lives in the data directory (or, for a long path, in
+    one fixed ``/tmp/pgs-<hash>`` per data directory), so nothing leaks per start.
+    ``durable=False`` skips fsync (initdb ``--no-sync``; server ``fsync=off``,
+    ``full_page_writes=off``): faster, still safe against a killed server (every commit has
+    written its WAL to the OS, which keeps it), not against an OS crash or a power cut. Use
+    it for tests only. (``synchronous_commit=off`` would not be safe even against kill -9:
+    commits acknowledged but still in WAL buffers are lost.)
     """
 
     def __init__(
@@ -146,8 +155,12 @@ class EmbeddedPostgres:
         initdb_options: Sequence[str] = (),
         system_user: str | None = None,
         bin_dir: Path | str | None = None,
+        superuser_over_tcp: bool = True,
     ) -> None:
         self.data_dir = Path(data_dir).absolute()
+        # False: no ``trust`` anywhere on TCP, the superuser is refused over TCP (it has no
+        # password) and administration goes through the private unix socket (:meth:`psql`).
+        self.superuser_over_tcp = superuser_over_tcp
         self.host = host
         self._port = port if port is not None else find_free_port(host)
         self.user = user
@@ -293,6 +306,8 @@ class EmbeddedPostgres:
                 return
             deadline = time.monotonic() + timeout_s
             self._ensure_initialised(timeout_s)
+            if not self.superuser_over_tcp:
+                self._write_locked_hba()
             self._reap_stale_postmaster(max(1.0, deadline - time.monotonic()))
             socket_dir = self._ensure_socket_dir()
             self._proc, log_offset = self._spawn_postmaster(socket_dir)
@@ -361,9 +376,9 @@ class EmbeddedPostgres:
                 self.stop()
             finally:
                 self._closed = True
-                if self._socket_dir is not None:
+                if self._socket_dir is not None and self._socket_dir != self.data_dir:
                     shutil.rmtree(self._socket_dir, ignore_errors=True)
-                    self._socket_dir = None
+                self._socket_dir = None
                 _INSTANCES.discard(self)
 
     def __enter__(self) -> EmbeddedPostgres:
@@ -485,27 +500,68 @@ class EmbeddedPostgres:
             return False
         return result.returncode == 0
 
-    def _ensure_database(self, timeout_s: float) -> None:
-        """Create ``self.database`` if it does not exist (psql over TCP)."""
-        env = self._child_env()
-        if self.password:
-            env["PGPASSWORD"] = self.password
-        base = [
+    def psql(self, sql: str, *, database: str = "postgres", timeout_s: float = 30.0) -> str:
+        """Run ``sql`` (one or more statements) as the superuser over the private unix
+        socket, stop at the first error, return what it printed (unaligned, tuples only).
+
+        The unix socket is ``trust``: its directory is private to the server's user (and
+        root), so this works even when the superuser is refused over TCP."""
+        with self._lock:
+            if not self.is_running():
+                raise EmbeddedPostgresError("psql: the server is not running")
+            argv = [*self._psql_argv(database), "-f", "-"]
+            try:
+                result = subprocess.run(argv, input=sql, capture_output=True, text=True,
+                                        env=self._child_env(), timeout=timeout_s, check=False)
+            except subprocess.TimeoutExpired as exc:
+                raise EmbeddedPostgresError(f"psql timed out after {timeout_s}s") from exc
+            if result.returncode != 0:
+                raise EmbeddedPostgresError(f"psql failed: {result.stderr.strip()[-2000:]}")
+            return result.stdout
+
+    def _psql_argv(self, database: str) -> list[str]:
+        socket_dir = self._socket_dir or self._ensure_socket_dir()
+        return [
             str(self.bin_dir / "psql"),
             "-X",
             "-q",
             "-tA",
             "-h",
-            self.host,
+            str(socket_dir),
             "-p",
             str(self._port),
             "-U",
             self.user,
             "-d",
-            "postgres",
+            database,
             "-v",
             "ON_ERROR_STOP=1",
         ]
+
+    def _write_locked_hba(self) -> None:
+        """``pg_hba.conf`` with no ``trust`` on TCP and the superuser refused over TCP.
+
+        Rewritten at every start, so a data directory made by an older, trusting version is
+        locked down too. The unix socket stays ``trust``: only the server's user (and root)
+        can reach its directory."""
+        superuser = self.user.replace('"', "")
+        text = (
+            "# Written by mt5-supervisor at every start; edits are overwritten.\n"
+            "local all all trust\n"
+            f'host all "{superuser}" all reject\n'
+            "host all all all scram-sha-256\n"
+        )
+        hba = self.data_dir / "pg_hba.conf"
+        hba.write_text(text)
+        run_as = self._run_as_kwargs()
+        if run_as:
+            os.chown(hba, run_as["user"], run_as["group"])
+        hba.chmod(0o600)
+
+    def _ensure_database(self, timeout_s: float) -> None:
+        """Create ``self.database`` if it does not exist (psql over the unix socket)."""
+        env = self._child_env()
+        base = self._psql_argv("postgres")
         name = self.database.replace("'", "''")
         found = subprocess.run(
             [*base, "-c", f"SELECT 1 FROM pg_database WHERE datname = '{name}'"],
@@ -632,6 +688,8 @@ class EmbeddedPostgres:
                     "--auth-host=scram-sha-256",
                     f"--pwfile={pwfile}",
                 ]
+            elif not self.superuser_over_tcp:
+                argv += ["--auth-local=trust", "--auth-host=scram-sha-256"]
             else:
                 argv.append("--auth=trust")
             try:
@@ -656,14 +714,32 @@ class EmbeddedPostgres:
             raise EmbeddedPostgresError(f"initdb failed with status {result.returncode}:\n{output}")
 
     def _ensure_socket_dir(self) -> Path:
-        """A short private directory for the unix socket (paths are limited to ~107 bytes)."""
+        """A private directory for the unix socket (paths are limited to ~107 bytes).
+
+        The data directory itself when its path is short enough (nothing to clean up, even
+        after kill -9 of our process); else one directory per data directory,
+        ``/tmp/pgs-<hash>``, reused across restarts so a killed runtime leaks nothing. A
+        pre-existing one is used only if it is a real directory owned by the server's user
+        and private to it (another local user could have planted it)."""
         if self._socket_dir is not None and self._socket_dir.is_dir():
             return self._socket_dir
-        path = Path(tempfile.mkdtemp(prefix="pgs-", dir="/tmp" if os.path.isdir("/tmp") else None))
+        if len(os.fsencode(str(self.data_dir))) <= _MAX_SOCKET_DIR_LEN:
+            self._socket_dir = self.data_dir
+            return self.data_dir
+        digest = hashlib.sha256(os.fsencode(str(self.data_dir))).hexdigest()[:16]
+        base = Path("/tmp") if os.path.isdir("/tmp") else Path(tempfile.gettempdir())
+        path = base / f"pgs-{digest}"
         run_as = self._run_as_kwargs()
-        if run_as:
-            os.chown(path, run_as["user"], run_as["group"])
-        path.chmod(0o700)
+        owner = run_as["user"] if run_as else os.geteuid()
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=0o700)
+            if run_as:
+                os.chown(path, run_as["user"], run_as["group"])
+        st = path.lstat()
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != owner or st.st_mode & 0o077:
+            raise EmbeddedPostgresError(
+                f"{path} exists but is not a private directory of uid {owner}: remove it"
+            )
         self._socket_dir = path
         return path
 

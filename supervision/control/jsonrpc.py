@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -95,6 +96,14 @@ def parse_request(text: str) -> Request:
     if isinstance(obj, list):
         raise RpcError(INVALID_REQUEST, "batch requests are not supported; send one request "
                                         "object per message")
+    if _SURROGATE_ESCAPE.search(text) is not None and _has_lone_surrogate(obj):
+        # JSON can spell a lone surrogate ("\\ud800") that is no Unicode character: it could
+        # never be sent back, logged or stored as UTF-8. Refused here, before any handler.
+        raw_id = obj.get("id") if isinstance(obj, dict) else None
+        rid = raw_id if _valid_id(raw_id) and not _has_lone_surrogate(raw_id) else None
+        raise RpcError(INVALID_REQUEST, "invalid text: a string holds a lone UTF-16 surrogate "
+                                        "(e.g. \\ud800 without its pair); send valid Unicode",
+                       request_id=rid)
     if not isinstance(obj, dict):
         raise RpcError(INVALID_REQUEST, f"a request must be a JSON object, got "
                                         f"{_json_type(obj)}")
@@ -125,6 +134,24 @@ def parse_request(text: str) -> Request:
     return Request(method, params, rid, is_notification=not has_id)
 
 
+# A \\uD800..\\uDFFF escape: the only way a lone surrogate gets into decoded JSON (a text
+# frame is valid UTF-8, which cannot hold one). Pairs decode to one character and pass.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        return _LONE_SURROGATE.search(value) is not None
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _valid_id(value: Any) -> bool:
     return value is None or isinstance(value, str) or (
         isinstance(value, int) and not isinstance(value, bool))
@@ -149,7 +176,7 @@ def _json_type(value: Any) -> str:
 # ---------------------------------------------------------------------------- methods
 @attrs.frozen
 class Param:
-    """One by-name parameter. ``kind``: str, int, number, object, strings."""
+    """One by-name parameter. ``kind``: str, int, number, bool, object, strings."""
 
     name: str
     kind: str
@@ -175,6 +202,7 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
         Param("since_seq", "int", minimum=0, nullable=True),
         Param("actors", "strings", nullable=True),
         Param("kinds", "strings", nullable=True),
+        Param("batch", "bool", nullable=True),
     )),
     MethodSpec("events.unsubscribe", (Param("subscription", "str", required=True),)),
     MethodSpec("actor.call", (
@@ -230,6 +258,10 @@ def _check_param(method: str, param: Param, value: Any) -> Any:
                                         f"{expected}, got {_json_type(value)} {shown}")
 
     kind = param.kind
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
     if kind == "str":
         if not isinstance(value, str) or not value:
             raise bad("a non-empty string")
@@ -270,12 +302,17 @@ def _describe_range(what: str, param: Param) -> str:
 
 # ---------------------------------------------------------------------------- replies
 def dumps(obj: Any) -> str:
-    """Compact JSON; NaN and infinities (not JSON) become null."""
+    """Compact JSON; NaN and infinities (not JSON) become null. Text that cannot be sent as
+    UTF-8 (a lone surrogate from anywhere) is escaped (``\\ud800``) instead of failing the
+    send, which would end the connection."""
     try:
-        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except ValueError:
-        return json.dumps(_finite(obj), separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False)
+        obj = _finite(obj)
+        text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    if _LONE_SURROGATE.search(text) is not None:
+        text = json.dumps(obj, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return text
 
 
 def _finite(value: Any) -> Any:

@@ -26,17 +26,27 @@ Why it is shaped like this:
 * Oversized messages are refused by trio-websocket itself (``max_message_size``): it stops
   buffering the message and closes that connection with 1009 (Message Too Big). Only that
   connection is affected.
-* Bad input (malformed JSON, wrong envelope, unknown method, bad params, binary frames) gets
-  an error reply and the connection stays up.
+* Bad input (malformed JSON, wrong envelope, unknown method, bad params, binary frames,
+  lone surrogates) gets an error reply and the connection stays up.
+* No crowd of sockets locks the operator out: the upgrade must finish within
+  ``control.handshake_timeout_s``, a client without the token must send its first message
+  within that too, and a connection with nothing to do (no request running, no
+  subscription) is closed after ``control.idle_timeout_s``. ``control.max_connections``
+  bounds the connections without a bearer header; a valid ``Authorization: Bearer`` header
+  may also use ``control.reserved_connections`` more.
+* Token guessing is throttled per source address, across connections (``AuthThrottle``): a
+  refused check is never evaluated, so the right token is no faster to find than a wrong one.
 """
 
 from __future__ import annotations
 
 import functools
 import hmac
+import ipaddress
 import json
 import logging
 import math
+import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -85,9 +95,16 @@ MAX_SUBSCRIPTIONS = 16  # per connection
 REQUEST_TIMEOUT_S = 30.0  # deadline of every method but actor.call
 CALL_GRACE_S = 2.0  # actor.call deadline = its timeout_s + this
 SEND_STALL_TIMEOUT_S = 10.0  # one send blocked this long: the client is closed (1008)
-HANDSHAKE_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 0.5  # flushing and the close handshake, when a connection ends
+BATCH_MAX_EVENTS = 512  # events.batch: events per frame at most
+BATCH_MAX_CHARS = 256 * 1024  # ... and about this much text (a quarter of the 1 MiB default
+# client limit of common WebSocket libraries), so one frame never grows unbounded
 MAX_AUTH_FAILURES = 5  # failed `auth` calls before the connection is closed (1008)
+# Wrong tokens per source address (all connections, header or `auth`): a burst of this many,
+# then one more every 1 / AUTH_FAILURES_PER_S seconds; past it, checks are refused unseen.
+AUTH_FAILURE_BURST = 20
+AUTH_FAILURES_PER_S = 1.0
+AUTH_THROTTLE_SOURCES = 4096  # sources remembered; full buckets are forgotten first
 
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
@@ -110,9 +127,12 @@ class TokenBucket:
         capacity = max(1.0, rate)  # one second's worth of burst
         return cls(rate, capacity, capacity, now)
 
-    def take(self, now: float) -> bool:
+    def refill(self, now: float) -> None:
         self.tokens = min(self.capacity, self.tokens + max(0.0, now - self.updated) * self.rate)
         self.updated = now
+
+    def take(self, now: float) -> bool:
+        self.refill(now)
         if self.tokens >= 1.0:
             self.tokens -= 1.0
             return True
@@ -120,6 +140,50 @@ class TokenBucket:
 
     def retry_after(self) -> float:
         return 0.0 if self.tokens >= 1.0 else (1.0 - self.tokens) / self.rate
+
+
+class AuthThrottle:
+    """Failed-token budget per source address, shared by every connection from it.
+
+    ``retry_after`` is asked before a token is compared: when the source's bucket is empty
+    the check is refused without looking at the token, so guessing is capped at
+    ``AUTH_FAILURES_PER_S`` per source however many connections it opens. Only failures
+    spend the budget. Pure: the caller passes ``now``."""
+
+    def __init__(self, burst: float | None = None, rate: float | None = None) -> None:
+        self.burst = AUTH_FAILURE_BURST if burst is None else burst
+        self.rate = AUTH_FAILURES_PER_S if rate is None else rate
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def _bucket(self, source: str, now: float) -> TokenBucket:
+        bucket = self._buckets.get(source)
+        if bucket is None:
+            if len(self._buckets) >= AUTH_THROTTLE_SOURCES:
+                self._forget_full(now)
+            bucket = self._buckets[source] = TokenBucket(self.rate, self.burst, self.burst,
+                                                         now)
+        return bucket
+
+    def _forget_full(self, now: float) -> None:
+        for key, bucket in list(self._buckets.items()):
+            bucket.refill(now)
+            if bucket.tokens >= bucket.capacity:
+                del self._buckets[key]
+        if len(self._buckets) >= AUTH_THROTTLE_SOURCES:
+            # All still charged: forget the one with the most budget left, never the
+            # exhausted ones (else a guesser could reset its own by spraying sources).
+            del self._buckets[max(self._buckets, key=lambda k: self._buckets[k].tokens)]
+
+    def retry_after(self, source: str, now: float) -> float | None:
+        """None when a token from ``source`` may be checked now, else seconds to wait."""
+        bucket = self._buckets.get(source)
+        if bucket is None:
+            return None
+        bucket.refill(now)
+        return None if bucket.tokens >= 1.0 else bucket.retry_after()
+
+    def failed(self, source: str, now: float) -> None:
+        self._bucket(source, now).take(now)
 
 
 @attrs.frozen
@@ -143,6 +207,7 @@ class _FollowUp:
 class _Forwarding:
     sub: Subscription
     scope: trio.CancelScope
+    batch: bool = False  # events.batch notifications (opt-in) instead of events.event
 
 
 async def serve_control(
@@ -158,7 +223,7 @@ async def serve_control(
         ws_server = await nursery.start(functools.partial(
             serve_websocket, server.handle, cfg["host"], cfg["port"], None,
             max_message_size=cfg["max_message_bytes"],
-            connect_timeout=HANDSHAKE_TIMEOUT_S,
+            connect_timeout=cfg["handshake_timeout_s"],
             disconnect_timeout=CLOSE_TIMEOUT_S))
         endpoint = ws_server.listeners[0]
         port = endpoint.port if isinstance(endpoint, Endpoint) else cfg["port"]
@@ -174,12 +239,51 @@ def _is_loopback(remote: Endpoint | str) -> bool:
     return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
-def _bearer(headers: list[tuple[bytes, bytes]]) -> str | None:
-    """The Authorization header's value, or None when absent."""
+def _source(remote: Endpoint | str) -> str:
+    """Whom a failed token is charged to. Not the port, and not the exact address where one
+    client can have many: every loopback address is one source (a local process may bind
+    any of 127.0.0.0/8), and an IPv6 peer is its /64."""
+    if not isinstance(remote, Endpoint):
+        return str(remote)
+    if _is_loopback(remote):
+        return "loopback"
+    address = remote.address
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is None:
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    mapped = getattr(address, "ipv4_mapped", None)
+    return str(mapped if mapped is not None else address)
+
+
+def _header(headers: list[tuple[bytes, bytes]], wanted: bytes) -> str | None:
+    """A request header's value, or None when absent."""
     for name, value in headers:
-        if name.lower() == b"authorization":
+        if name.lower() == wanted:
             return value.decode("latin-1").strip()
     return None
+
+
+def _bearer(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The Authorization header's value, or None when absent."""
+    return _header(headers, b"authorization")
+
+
+def origin_allowed(origin: str) -> bool:
+    """May a browser page from ``origin`` open the control channel?
+
+    Browsers send ``Origin`` on every WebSocket handshake and never enforce the same-origin
+    policy on WebSockets, so without this check any web site open on the operator's machine
+    could reach ws://127.0.0.1 as a loopback client. Pages served from this machine (the
+    operator page on the health port) are allowed; other clients send no ``Origin``.
+    """
+    parts = urllib.parse.urlsplit(origin)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return False  # "null" (a file:// page, a sandboxed frame) included
+    if parts.hostname == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(parts.hostname).is_loopback
+    except ValueError:
+        return False
 
 
 def tokens_equal(expected: str, given: str) -> bool:
@@ -197,6 +301,10 @@ class ControlServer:
         self.token_env: str = cfg["token_env"]
         self.open_reads: bool = cfg["open_reads"]
         self.max_connections: int = cfg["max_connections"]
+        self.reserved_connections: int = cfg["reserved_connections"]
+        self.handshake_timeout_s: float = cfg["handshake_timeout_s"]
+        self.idle_timeout_s: float = cfg["idle_timeout_s"]
+        self.auth_throttle = AuthThrottle()
         self.requests_per_second: float = cfg["requests_per_second"]
         self.connections = 0
         self.metrics = metrics_for(rt)
@@ -211,55 +319,84 @@ class ControlServer:
             log.exception("control: a connection failed")
 
     async def _handle(self, request: WebSocketRequest) -> None:
-        # Check and reserve the slot before any checkpoint: concurrent handshakes cannot
-        # overshoot the limit.
-        if self.connections >= self.max_connections:
+        source = _source(request.remote)
+        origin = _header(request.headers, b"origin")
+        if origin is not None and not origin_allowed(origin):
             self.metrics.control_rejected += 1
-            await request.reject(503, body=b"too many connections\n")
+            await request.reject(403, body=(
+                f"cross-origin WebSocket refused: pages from {origin[:200]!r} may not use the "
+                "control channel (only pages served from this machine)\n").encode())
+            return
+        header = _bearer(request.headers)
+        # Token check and slot reservation happen before any checkpoint: concurrent
+        # handshakes cannot overshoot the limit.
+        refusal = self._check_header(header, source) if header is not None else None
+        authenticated = header is not None and refusal is None
+        limit = self.max_connections + (self.reserved_connections if authenticated else 0)
+        if refusal is None and self.connections >= limit:
+            refusal = (503, [], "too many connections" + (
+                "" if authenticated else "; an operator with the token still gets in with "
+                                         "'Authorization: Bearer <token>'"))
+        if refusal is not None:
+            status, headers, text = refusal
+            self.metrics.control_rejected += 1
+            await request.reject(status, extra_headers=headers, body=text.encode() + b"\n")
             return
         self.connections += 1
         self.metrics.control_connections = self.connections
         try:
-            authenticated = False
-            header = _bearer(request.headers)
-            if header is not None:
-                problem = self._check_header(header)
-                if problem is not None:
-                    self.metrics.control_rejected += 1
-                    await request.reject(
-                        401, extra_headers=[(b"WWW-Authenticate", b'Bearer realm="control"')],
-                        body=problem.encode() + b"\n")
-                    return
-                authenticated = True
             ws = await request.accept()
             self.metrics.control_connections_total += 1
             conn = Connection(self, ws, loopback=_is_loopback(request.remote),
-                              authenticated=authenticated)
+                              authenticated=authenticated, source=source)
             await conn.run()
         finally:
             self.connections -= 1
             self.metrics.control_connections = self.connections
 
-    def _check_header(self, header: str) -> str | None:
+    def _check_header(self, header: str, source: str
+                      ) -> tuple[int, list[tuple[bytes, bytes]], str] | None:
+        """None when the header carries the token, else (status, headers, body)."""
+        challenge = [(b"WWW-Authenticate", b'Bearer realm="control"')]
         scheme, _, value = header.partition(" ")
         if scheme.lower() != "bearer" or not value.strip():
-            return "unsupported Authorization header: use 'Authorization: Bearer <token>'"
+            return 401, challenge, ("unsupported Authorization header: use "
+                                    "'Authorization: Bearer <token>'")
         if self.token is None:
-            return (f"no token is configured on this server (environment variable "
-                    f"{self.token_env})")
+            return 401, challenge, (f"no token is configured on this server (environment "
+                                    f"variable {self.token_env})")
+        retry = self.throttled(source)
+        if retry is not None:
+            seconds = str(max(1, math.ceil(retry))).encode()
+            return 429, [(b"Retry-After", seconds)], (
+                f"too many wrong tokens from this address: retry in {retry:.1f} s")
         if not tokens_equal(self.token, value.strip()):
-            return "invalid bearer token"
+            self.token_failed(source)
+            return 401, challenge, "invalid bearer token"
         return None
+
+    def throttled(self, source: str) -> float | None:
+        """None when a token from ``source`` may be checked now, else seconds to wait."""
+        retry = self.auth_throttle.retry_after(source, trio.current_time())
+        if retry is not None:
+            self.metrics.control_auth_throttled += 1
+        return retry
+
+    def token_failed(self, source: str) -> None:
+        self.metrics.control_auth_failures += 1
+        self.auth_throttle.failed(source, trio.current_time())
 
 
 class Connection:
     def __init__(self, server: ControlServer, ws: WebSocketConnection, *, loopback: bool,
-                 authenticated: bool) -> None:
+                 authenticated: bool, source: str) -> None:
         self.server = server
         self.rt = server.rt
         self.ws = ws
         self.loopback = loopback
         self.authenticated = authenticated
+        self.source = source
+        self._messages_seen = 0
         self._out_send, self._out_recv = trio.open_memory_channel[str | _Close](
             OUTGOING_QUEUE_SIZE)
         rate = server.requests_per_second
@@ -356,16 +493,32 @@ class Connection:
     # ------------------------------------------------------------------ reading
     async def _reader(self) -> None:
         while True:
-            try:
-                message = await self.ws.get_message()
-            except ConnectionClosed as exc:
-                reason = exc.reason
-                if reason is not None and reason.code == CLOSE_TOO_BIG:
-                    self.server.metrics.control_oversized += 1
-                    log.warning("control: closed a client for an oversized message (%s)",
-                                reason.reason)
+            idle_limit = self._idle_limit()
+            with trio.move_on_after(idle_limit) as idle:
+                try:
+                    message = await self.ws.get_message()
+                except ConnectionClosed as exc:
+                    reason = exc.reason
+                    if reason is not None and reason.code == CLOSE_TOO_BIG:
+                        self.server.metrics.control_oversized += 1
+                        log.warning("control: closed a client for an oversized message (%s)",
+                                    reason.reason)
+                    return
+            if idle.cancelled_caught:
+                if self._subs or self._in_flight:
+                    continue  # waiting for replies or receiving events is not idling
+                self.server.metrics.control_idle_closed += 1
+                self._close = _Close(CLOSE_NORMAL, f"idle for {idle_limit:g} s")
                 return
+            self._messages_seen += 1
             await self._on_message(message)
+
+    def _idle_limit(self) -> float:
+        """How long the client may stay silent: a client without the token must speak
+        within the handshake timeout; after that, anyone may idle ``idle_timeout_s``."""
+        if self._messages_seen == 0 and not self.authenticated:
+            return self.server.handshake_timeout_s
+        return self.server.idle_timeout_s
 
     async def _on_message(self, message: str | bytes) -> None:
         self.server.metrics.control_requests += 1
@@ -487,15 +640,24 @@ class Connection:
 
     async def _auth(self, params: dict[str, Any]) -> Any:
         token = self.server.token
+        # Whatever happens below, a failed auth leaves the connection unauthenticated: a
+        # wrong re-auth must not keep the privileges of an earlier good one.
+        self.authenticated = False
         if token is None:
             raise RpcError(UNAUTHORIZED, f"no token is configured on this server (set the "
                                          f"environment variable {self.server.token_env})")
-        if tokens_equal(token, params["token"]):
+        retry = self.server.throttled(self.source)
+        if retry is None and tokens_equal(token, params["token"]):
             self.authenticated = True
             return {"ok": True}
         self._auth_failures += 1
         if self._auth_failures >= MAX_AUTH_FAILURES:
             self._close_after_reply = _Close(CLOSE_POLICY, "too many failed auth attempts")
+        if retry is not None:
+            raise RpcError(RATE_LIMITED, "too many wrong tokens from this address; the token "
+                                         f"was not checked: retry in {retry:.1f} s",
+                           data={"retry_after": round(retry, 3)})
+        self.server.token_failed(self.source)
         raise RpcError(UNAUTHORIZED, "invalid token")
 
     async def _status(self, params: dict[str, Any]) -> Any:
@@ -519,7 +681,7 @@ class Connection:
         # Registered before the next checkpoint: the connection's cleanup always closes it.
         self._sub_counter += 1
         sub_id = f"s{self._sub_counter}"
-        forwarding = _Forwarding(sub, trio.CancelScope())
+        forwarding = _Forwarding(sub, trio.CancelScope(), batch=bool(params["batch"]))
         self._subs[sub_id] = forwarding
 
         def start_forwarding() -> None:
@@ -553,6 +715,14 @@ class Connection:
                         await self._send(notification_message("events.closed", {
                             "subscription": sub_id, "reason": "the runtime is stopping"}))
                         return
+                if isinstance(item, Event) and forwarding.batch:
+                    # Everything already buffered goes out in one frame: under load, the
+                    # per-message cost (queue, writer turn, frame, client parse) is paid once
+                    # for many events.
+                    lines, item = _take_batch(sub, item)
+                    await self._send(_batch_notification(lines, sub_json))
+                    if item is None:
+                        continue
                 if isinstance(item, Missed):
                     await self._send(notification_message("events.overflow", {
                         "subscription": sub_id, "missed": item.count,
@@ -609,6 +779,28 @@ class Connection:
         log.warning("control: shutdown requested by a client")
         self.rt.request_shutdown()
         return {"ok": True}
+
+
+def _take_batch(sub: Subscription, first: Event) -> tuple[list[str], Missed | None]:
+    """The JSON lines of ``first`` and of the events buffered behind it, up to the batch
+    limits; and a ``Missed`` notice met on the way (it goes out after the batch, in order)."""
+    lines = [first.to_line()]
+    size = len(lines[0])
+    while len(lines) < BATCH_MAX_EVENTS and size < BATCH_MAX_CHARS:
+        item = sub.get_nowait()
+        if not isinstance(item, Event):
+            return lines, item
+        line = item.to_line()
+        lines.append(line)
+        size += len(line)
+    return lines, None
+
+
+def _batch_notification(lines: list[str], sub_json: str) -> str:
+    """``events.batch``: ``{subscription, events: [...]}``, the events' JSON text (encoded
+    once per event, shared by every subscriber and the log) joined, not re-encoded."""
+    return ('{"jsonrpc":"2.0","method":"events.batch","params":{"subscription":' + sub_json
+            + ',"events":[' + ",".join(lines) + "]}}")
 
 
 def _event_notification(event: Event, sub_json: str) -> str:

@@ -9,8 +9,8 @@
 * ``pp+scopes``  — the ping-pong with a deadline cancel scope on each side, as every actor
                    call needs (the caller's deadline; the actor's bound on the work): the
                    floor for any design with deadlines on both sides
-* ``cell.call``  — ``ActorCell.call`` on a trivial actor: gate, breaker check, one mailbox
-                   round trip (``Request`` + ``Reply``), deadline scopes
+* ``cell.call``  — ``ActorCell.bind`` + ``ActorCell.call`` on a trivial actor: gate, breaker
+                   check, one mailbox round trip (``Request`` + ``Reply``), the deadline
 * ``ref.call``   — ``ActorRef.call``: the same plus the ``Response`` and the deadline
 
 (b) The breaker's guarded-call overhead around a no-op, in the same process:
@@ -105,7 +105,7 @@ async def round_trip(calls: int, reps: int) -> dict[str, list[float]]:
 
             async def via_cell() -> None:
                 for _ in range(calls):
-                    await cell.call("echo", args, trio.current_time() + 10.0)
+                    await cell.call(cell.bind("echo", args, 10.0, trio.current_time()))
 
             async def via_ref() -> None:
                 for _ in range(calls):

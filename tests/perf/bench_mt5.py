@@ -17,9 +17,15 @@ cheap call) shows what the hop and the actor themselves cost.
 * ``thread_worker``   — the actor's ``ThreadWorker`` alone (the hop plus ``last_error()``)
 * ``actor_thread``    — ``Mt5Ref.symbol_info_tick`` through the supervisor: gate, mailbox,
                         actor, ``ThreadWorker``, last-known-good store (production path)
-* ``actor_inline``    — the same with the inline worker (the simulator's default backend)
+* ``actor_inline``    — the same with the inline worker (virtual-time tests' worker)
+* ``process_worker``  — the actor's ``ProcessWorker`` alone: the simulator in its own OS
+                        process, the call and its result pickled over the pipe
+* ``actor_process``   — ``Mt5Ref.symbol_info_tick`` with the ``ProcessWorker`` (the default,
+                        ``[mt5] worker = "process"``)
 
-The goal (docs/benchmarks.md): ``actor_thread`` at most 1.3x ``to_thread``.
+The goals (docs/benchmarks.md): ``actor_thread`` at most 1.3x ``to_thread``, and
+``actor_process`` at most 1.3x ``actor_thread``. The fixed per-call cost of the process path
+is ``actor_process`` minus ``direct`` (run with ``--op terminal_info`` to see it alone).
 """
 
 from __future__ import annotations
@@ -41,7 +47,9 @@ import trio
 
 from actors.cache import TtlCache
 from actors.mt5.actor import Mt5Actor, Mt5Ref
+from actors.mt5.process_worker import TerminalHost
 from actors.mt5.simulator import TerminalSimulator
+from actors.mt5.terminal_process import BackendRecipe
 from actors.mt5.worker import ThreadWorker
 from supervision.eventlog import EventLog
 from supervision.settings import ActorSettings
@@ -106,12 +114,23 @@ async def run(op: str, calls: int, reps: int, chunk: int) -> dict[str, list[floa
                 inline_ref = await sup.start_child(ChildSpec(
                     "mt5_inline", lambda: Mt5Actor(lambda: sim, inline=True),
                     settings=settings, ref_class=Mt5Ref))
+                # Two hosts, two child processes: the bare worker and the actor's.
+                host = TerminalHost(BackendRecipe("simulator"), name="mt5_process")
+                bare_host = TerminalHost(BackendRecipe("simulator"), name="bare")
+                process_ref = await sup.start_child(ChildSpec(
+                    "mt5_process", lambda: Mt5Actor(None, inline=False, name="mt5_process",
+                                                    host=host),
+                    settings=settings, ref_class=Mt5Ref))
                 assert isinstance(thread_ref, Mt5Ref) and isinstance(inline_ref, Mt5Ref)
+                assert isinstance(process_ref, Mt5Ref)
                 pingpong = PingPong()
                 worker = ThreadWorker(sim)
+                process_worker = bare_host.worker()
+                assert (await process_worker.call("initialize", (), {}))[0]
 
                 thread_op = getattr(thread_ref, op)
                 inline_op = getattr(inline_ref, op)
+                process_op = getattr(process_ref, op)
 
                 async def direct() -> Any:
                     await trio.lowlevel.checkpoint()
@@ -127,6 +146,11 @@ async def run(op: str, calls: int, reps: int, chunk: int) -> dict[str, list[floa
                     assert r.ok, r
                     return r
 
+                async def via_actor_process() -> Any:
+                    r = await process_op(*args)
+                    assert r.ok, r
+                    return r
+
                 variants: dict[str, Callable[[], Awaitable[Any]]] = {
                     "direct": direct,
                     "to_thread": lambda: trio.to_thread.run_sync(fn, *args),
@@ -134,6 +158,8 @@ async def run(op: str, calls: int, reps: int, chunk: int) -> dict[str, list[floa
                     "thread_worker": lambda: worker.call(op, args, {}),
                     "actor_thread": via_actor_thread,
                     "actor_inline": via_actor_inline,
+                    "process_worker": lambda: process_worker.call(op, args, {}),
+                    "actor_process": via_actor_process,
                 }
                 for one in variants.values():  # warm up: thread caches, code paths
                     await timed(max(50, calls // 20), one)
@@ -145,6 +171,8 @@ async def run(op: str, calls: int, reps: int, chunk: int) -> dict[str, list[floa
                 pingpong.close()
                 worker.retire()
                 await sup.shutdown()
+                await host.aclose()
+                await bare_host.aclose()
         finally:
             log.close()
     return results
@@ -166,8 +194,16 @@ def report(results: dict[str, list[float]], op: str, calls: int, reps: int,
         lines.append(f"| {name} | {median[name] * 1e6:.1f} | {min(values) * 1e6:.1f} | "
                      f"{median[name] / base:.2f}x |")
     ratio = median["actor_thread"] / base
+    process_ratio = median["actor_process"] / median["actor_thread"]
+    fixed_us = (median["actor_process"] - median["direct"]) * 1e6
+    hop_us = (median["process_worker"] - median["direct"]) * 1e6
     lines += ["", f"actor_thread / to_thread = {ratio:.2f}x (goal <= 1.30x): "
-              + ("met" if ratio <= 1.3 else "NOT met")]
+              + ("met" if ratio <= 1.3 else "NOT met"),
+              f"actor_process / actor_thread = {process_ratio:.2f}x (goal <= 1.30x): "
+              + ("met" if process_ratio <= 1.3 else "NOT met"),
+              f"fixed per-call cost of the process path: actor_process - direct = "
+              f"{fixed_us:.0f} us (the pipe hop alone, process_worker - direct: "
+              f"{hop_us:.0f} us)"]
     return "\n".join(lines)
 
 

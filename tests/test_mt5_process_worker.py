@@ -1,0 +1,186 @@
+"""The process worker in real time: the simulator in its own OS process, over a pipe.
+
+A hung terminal call is killed at its deadline (the process, not a thread), a fresh process
+takes over, the actor is CONNECTED again and nothing is left behind: no process, not even a
+zombie (checked in /proc), no thread (``threading.enumerate``). A lost
+order reply is reconciled in the worker process and never becomes a second order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from actors.cache import TtlCache
+from actors.mt5 import codes
+from actors.mt5.actor import Mt5Actor, Mt5Ref, TerminalLedger
+from actors.mt5.process_worker import TerminalHost
+from actors.mt5.terminal_process import BackendRecipe
+from actors.mt5.worker import ABANDONED
+from supervision.errors import ErrorCode
+from supervision.settings import ActorSettings
+from supervision.supervisor import ChildSpec, Supervisor
+from tests.helpers import Recorder, running_supervisor
+
+DEADLINE_S = 0.5
+SETTINGS = ActorSettings(backoff_base_s=0.2, shutdown_timeout_s=2.0, connect_timeout_s=30.0,
+                         health_interval_s=3600.0)
+BUY = {"action": codes.TRADE_ACTION_DEAL, "symbol": "EURUSD", "volume": 0.1,
+       "type": codes.ORDER_TYPE_BUY, "deviation": 20, "type_filling": codes.ORDER_FILLING_IOC}
+
+
+def pid_exists(pid: int) -> bool:
+    """Also true for a zombie: a killed process must have been reaped too."""
+    return Path(f"/proc/{pid}").exists()
+
+
+def our_threads() -> set[threading.Thread]:
+    """Live threads, less trio's idle worker cache (``to_thread``, reused, exits when idle):
+    what a worker could have left behind."""
+    return {t for t in threading.enumerate() if not t.name.startswith("Trio thread")}
+
+
+def child_pids() -> set[int]:
+    """This process's children (any state, zombies included), from /proc."""
+    me = os.getpid()
+    children = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        if int(fields[1]) == me:
+            children.add(int(stat.parent.name))
+    return children
+
+
+@contextlib.asynccontextmanager
+async def terminal(tmp_path: Path, name: str = "mt5"
+                   ) -> AsyncIterator[tuple[Supervisor, Mt5Ref, TerminalHost, Recorder]]:
+    host = TerminalHost(BackendRecipe("simulator"), name=name)
+    ledger = TerminalLedger()
+    try:
+        async with running_supervisor(tmp_path, lkg=TtlCache()) as sup:
+            rec = Recorder(sup)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(rec.run)
+                ref = await sup.start_child(ChildSpec(
+                    name, lambda: Mt5Actor(None, inline=False, name=name, ledger=ledger,
+                                           host=host),
+                    settings=SETTINGS, ref_class=Mt5Ref))
+                assert isinstance(ref, Mt5Ref)
+                yield sup, ref, host, rec
+                await sup.shutdown()
+                nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await host.aclose()
+
+
+async def test_a_hung_call_kills_the_process_and_a_fresh_one_takes_over(tmp_path):
+    threads_before = our_threads()
+    # Process-global (a real runtime has one): earlier tests' thread workers may count.
+    abandoned_before = ABANDONED.total
+    async with terminal(tmp_path) as (sup, ref, host, rec):
+        assert ref.state == "CONNECTED"
+        first_pid = host.pid
+        assert first_pid is not None and first_pid != os.getpid()
+        assert (await ref.symbol_info_tick("EURUSD")).ok
+
+        await host.inject("hang")  # reaches the simulator in the child, over the pipe
+        r = await ref.symbol_info_tick("EURUSD", timeout_s=DEADLINE_S)
+        assert r.error is not None and r.error.code is ErrorCode.TIMEOUT
+        # The deadline is a lost terminal: the running call is cancelled, its process
+        # killed and reaped before the reconnect starts.
+        await rec.wait_for(lambda e: e.kind == "state_changed"
+                           and e.data["reason"] == "attempt 1 ok", timeout=30.0)
+        assert not pid_exists(first_pid)
+        assert host.killed == 1
+        assert ref.state == "CONNECTED"
+        second_pid = host.pid
+        assert second_pid is not None and second_pid != first_pid
+        assert host.started == 2
+        assert child_pids() == {second_pid}
+        extra = sup.status()[0]["extra"]
+        assert extra["worker_processes_killed"] == 1
+        assert extra["worker_pid"] == second_pid
+        assert extra["abandoned_threads"] == abandoned_before  # none: a process was killed
+        killed = rec.of("mt5", "worker_abandoned")
+        assert [e.data for e in killed] == [{"worker": "process", "killed_processes": 1}]
+        assert (await ref.symbol_info_tick("EURUSD")).ok
+    # Nothing left: the process is reaped, and no thread was started on this side.
+    assert not pid_exists(second_pid)
+    assert child_pids() == set()
+    assert our_threads() <= threads_before
+
+
+async def test_a_lost_order_reply_never_becomes_a_second_order(tmp_path):
+    async with terminal(tmp_path) as (_sup, ref, host, _rec):
+        await host.inject("lost_reply")  # filled by the terminal, the answer lost
+        first = await ref.order_send(BUY)
+        assert first.error is not None and first.error.code is ErrorCode.ORDER_STATE_UNKNOWN
+        again = await ref.order_send(BUY)  # the bot retries the same order
+        assert again.ok and again.data.comment.startswith("reconciled")
+        positions = await ref.positions_get(symbol="EURUSD")
+        assert positions.ok and len(positions.data) == 1
+        assert (await ref.history_deals_get(0, 2**31 - 1)).data is not None
+
+
+async def test_inject_reaches_the_simulator_in_its_process_and_bad_faults_are_refused(
+        tmp_path):
+    async with terminal(tmp_path) as (_sup, ref, host, _rec):
+        with pytest.raises(ValueError, match="unknown fault"):
+            await host.inject("no_such_fault")
+        await host.inject("autotrading_off")
+        r = await ref.order_send(BUY)
+        assert r.error is not None and r.error.code is ErrorCode.AUTOTRADING_DISABLED
+        await host.inject("clear")
+        assert (await ref.order_send(BUY)).ok
+
+
+async def test_a_process_that_dies_by_itself_is_reaped_and_replaced(tmp_path):
+    async with terminal(tmp_path) as (_sup, ref, host, rec):
+        first_pid = host.pid
+        assert first_pid is not None
+        os.kill(first_pid, signal.SIGKILL)
+        r = await ref.symbol_info_tick("EURUSD")
+        assert r.error is not None and r.error.code is ErrorCode.MT5_IPC_FAILED
+        await rec.wait_for(lambda e: e.kind == "state_changed"
+                           and e.data["reason"] == "attempt 1 ok", timeout=30.0)
+        assert host.pid not in (None, first_pid)
+        assert not pid_exists(first_pid)
+        assert (await ref.symbol_info_tick("EURUSD")).ok
+
+
+async def test_arguments_refused_by_the_package_raise_in_the_child_and_come_back(tmp_path):
+    async with terminal(tmp_path) as (_sup, ref, host, _rec):
+        pid = host.pid
+        r = await ref.copy_rates_from_pos("EURUSD", "H1", 0, 10)  # a str timeframe
+        assert r.error is not None and r.error.code is ErrorCode.INVALID_REQUEST
+        assert host.pid == pid  # an exception is an answer: the process is kept
+        assert (await ref.copy_rates_from_pos("EURUSD", codes.TIMEFRAME_H1, 0, 10)).ok
+
+
+async def test_an_inject_reaches_the_simulator_while_a_call_hangs_in_it(tmp_path):
+    async with terminal(tmp_path) as (_sup, ref, host, _rec):
+        pid = host.pid
+        await host.inject("hang")
+        answers: list[object] = []
+
+        async def hung_call() -> None:
+            answers.append(await ref.symbol_info_tick("EURUSD", timeout_s=60.0))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hung_call)
+            await trio.sleep(0.5)  # the call is in the child, waiting on the hang
+            assert answers == []
+            await host.inject("clear")  # read by the child while it waits
+        assert answers[0].ok  # type: ignore[attr-defined]
+        assert host.pid == pid and host.killed == 0

@@ -14,9 +14,9 @@ from typing import Any, TypeVar
 import trio
 import websockets.sync.client as ws_client
 
-from supervision.config import RuntimeConfig
 from supervision.messages import Notice
-from supervision.runtime import Runtime, open_runtime
+from supervision.shell.config import RuntimeConfig
+from supervision.shell.runtime import Runtime, open_runtime
 from supervision.supervisor import ChildSpec
 from tests.ws_close import close_code
 

@@ -120,7 +120,7 @@ def _die_with_parent() -> None:
 
 
 class RuntimeProcess:
-    """One ``python -m supervision.cli run --config <workdir>/runtime.toml`` process.
+    """One ``python -m supervision.shell.cli run --config <workdir>/runtime.toml`` process.
 
     ``workdir`` (pytest's ``tmp_path``) holds the configuration and the captured output;
     the state directory (event log, embedded database) is ``state_dir``, by default a
@@ -166,7 +166,7 @@ class RuntimeProcess:
         env["PYTHONUNBUFFERED"] = "1"
         with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "supervision.cli", "run", "--config",
+                [sys.executable, "-m", "supervision.shell.cli", "run", "--config",
                  str(self.config_path)],
                 cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                 start_new_session=True,  # our signals only, never the terminal's Ctrl-C

@@ -15,8 +15,8 @@ import pytest
 import trio
 
 from supervision.actor import Actor
-from supervision.health import health_document
 from supervision.messages import check_notice
+from supervision.shell.health import ESSENTIAL_ACTORS, health_document
 from supervision.supervisor import ChildSpec, Supervisor
 from tests.helpers import poll, running_supervisor
 
@@ -35,7 +35,7 @@ class Reporter(Actor):
 
 
 def health_of(sup: Supervisor) -> tuple[int, dict[str, Any]]:
-    return health_document(SimpleNamespace(supervisor=sup, store={}))  # type: ignore[arg-type]
+    return health_document(SimpleNamespace(supervisor=sup, store={}, essential=ESSENTIAL_ACTORS))  # type: ignore[arg-type]
 
 
 async def test_a_check_is_kept_in_status_and_shown_in_health(

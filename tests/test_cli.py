@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from supervision import cli
+from supervision.shell import cli
 from tests.control_helpers import control_url, emit_events, in_thread, running, wait_head
 
 pytestmark = pytest.mark.realserver
@@ -143,20 +143,21 @@ def _read_until(proc: subprocess.Popen[str], prefix: str, timeout: float = 10.0)
 def test_run_serves_until_sigterm(tmp_path) -> None:
     env = {**os.environ, "MT5SUP_TOKEN": "t0k3n", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "supervision.cli", "run", "--config", str(_write_config(tmp_path))],
+        [sys.executable, "-m", "supervision.shell.cli", "run", "--config",
+         str(_write_config(tmp_path))],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         url = _read_until(proc, "control: ").split(" ", 1)[1]
         assert url.startswith("ws://127.0.0.1:")
         assert _read_until(proc, "health: ").startswith("health: http://127.0.0.1:")
         status = subprocess.run(
-            [sys.executable, "-m", "supervision.cli", "status", "--url", url],
+            [sys.executable, "-m", "supervision.shell.cli", "status", "--url", url],
             capture_output=True, text=True, timeout=20, env=env)
         assert status.returncode == 0, status.stderr
         assert "cache" in status.stdout and "CONNECTED" in status.stdout
 
         follow = subprocess.Popen(
-            [sys.executable, "-m", "supervision.cli", "events", "--url", url, "--follow",
+            [sys.executable, "-m", "supervision.shell.cli", "events", "--url", url, "--follow",
              "--since", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env=env)
         try:
@@ -178,7 +179,8 @@ def test_run_serves_until_sigterm(tmp_path) -> None:
 def test_run_stops_on_a_shutdown_request(tmp_path) -> None:
     env = {**os.environ, "MT5SUP_TOKEN": "t0k3n", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "supervision.cli", "run", "--config", str(_write_config(tmp_path))],
+        [sys.executable, "-m", "supervision.shell.cli", "run", "--config",
+         str(_write_config(tmp_path))],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         url = _read_until(proc, "control: ").split(" ", 1)[1]

@@ -19,9 +19,9 @@ import trio
 from websockets.exceptions import InvalidStatus
 
 from supervision.actor import READ, Actor, OpSpec
-from supervision.control import server as control_server
-from supervision.httpserver import metrics_for
 from supervision.settings import ActorSettings
+from supervision.shell.control import server as control_server
+from supervision.shell.httpserver import metrics_for
 from supervision.supervisor import ChildSpec
 from tests.control_helpers import (
     TOKEN,

@@ -255,7 +255,7 @@ def test_output_into_a_closed_pipe_exits_quietly(runtime: RuntimeProcess,
     try:
         env = {**os.environ, TOKEN_ENV: TOKEN}
         done = subprocess.run(
-            [sys.executable, "-m", "supervision.cli", *command, "--url", runtime.ws_url,
+            [sys.executable, "-m", "supervision.shell.cli", *command, "--url", runtime.ws_url,
              "--token-env", TOKEN_ENV],
             cwd=REPO_ROOT, env=env, stdout=write_end, stderr=subprocess.PIPE, timeout=60)
     finally:

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import trio
 
-from supervision import cli
 from supervision.bus import Missed
 from supervision.eventlog import (
     KIND_REPLACED,
@@ -31,6 +30,7 @@ from supervision.events import Event
 from supervision.logcheck import LogInUse, check_log, repair_log
 from supervision.loghwm import read_mark
 from supervision.messages import Notice
+from supervision.shell import cli
 from tests.helpers import running_supervisor
 from tests.small_disk import SmallDisk, mount_small_disk, unmount
 

@@ -230,7 +230,7 @@ def synthetic_log(path: Path, count: int, garbage_at: dict[int, bytes]) -> None:
 
 
 def cli(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "supervision.cli", *args], cwd=REPO_ROOT,
+    return subprocess.run([sys.executable, "-m", "supervision.shell.cli", *args], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -1,6 +1,6 @@
 """End to end: ``mt5-supervisor run`` as a subprocess, used the way people use it.
 
-The runtime is started with ``python -m supervision.cli run --config <tmp>/runtime.toml``
+The runtime is started with ``python -m supervision.shell.cli run --config <tmp>/runtime.toml``
 (the same virtual environment), on its defaults: the MT5 simulator, the embedded PostgreSQL
 server it starts itself, the cache, the control channel and health. The configuration picks
 free ports and short timings (backoff 0.2/0.4/0.8 s, probes every second). The tests talk to

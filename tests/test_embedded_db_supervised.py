@@ -176,7 +176,7 @@ def test_an_invalid_dsn_is_a_configuration_error_at_start(
                                  "questdb": {"dsn": dsn}}))
     env = {k: v for k, v in os.environ.items() if not k.startswith("MT5SUP_")}
     result = subprocess.run(
-        [sys.executable, "-m", "supervision.cli", "run", "--config", str(config)],
+        [sys.executable, "-m", "supervision.shell.cli", "run", "--config", str(config)],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
     output = result.stdout + result.stderr
     assert result.returncode not in (0, None), output
@@ -215,7 +215,7 @@ def test_a_damaged_secret_file_stops_the_start_with_its_name(tmp_path: Path) -> 
                                  "control": {"port": 0}, "health": {"port": 0}}))
     env = {k: v for k, v in os.environ.items() if not k.startswith("MT5SUP_")}
     result = subprocess.run(
-        [sys.executable, "-m", "supervision.cli", "run", "--config", str(config)],
+        [sys.executable, "-m", "supervision.shell.cli", "run", "--config", str(config)],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
     output = result.stdout + result.stderr
     assert result.returncode == 2, output

@@ -28,10 +28,10 @@ import trio
 from actors.questdb.persistence import EventStoreActor
 from actors.questdb.pgserver import EmbeddedPostgres
 from supervision.actor import Actor, OpSpec
-from supervision.config import RuntimeConfig
 from supervision.messages import Notice
-from supervision.runtime import Runtime, open_runtime
 from supervision.settings import ActorSettings
+from supervision.shell.config import RuntimeConfig
+from supervision.shell.runtime import Runtime, open_runtime
 from supervision.supervisor import ChildSpec
 from tests.helpers import in_thread, poll
 
@@ -268,8 +268,8 @@ RUNNER = textwrap.dedent('''
     import trio
 
     from supervision.actor import Actor
-    from supervision.config import RuntimeConfig
-    from supervision.runtime import open_runtime
+    from supervision.shell.config import RuntimeConfig
+    from supervision.shell.runtime import open_runtime
     from supervision.settings import ActorSettings
     from supervision.supervisor import ChildSpec
 
@@ -383,7 +383,7 @@ def test_kill_9_while_persisting_loses_nothing_and_doubles_nothing(
 
         # Once more, as the operator would (``mt5-supervisor run``, no bots): it catches up
         # from the table's max(seq) over the log the killed runs left, and goes quiet.
-        proc = spawn(["-m", "supervision.cli", "run", "--config", str(config)], 99)
+        proc = spawn(["-m", "supervision.shell.cli", "run", "--config", str(config)], 99)
         try:
             deadline = time.monotonic() + 30
             while True:

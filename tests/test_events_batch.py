@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from supervision.control import server as control_server
+from supervision.shell.control import server as control_server
 from tests.control_helpers import (
     Client,
     control_url,

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from supervision.breaker import BreakerConfig
-from supervision.health import overall_status
 from supervision.settings import ActorSettings
+from supervision.shell.health import overall_status
 from supervision.states import ConnectionState
 from supervision.supervisor import ChildSpec
 from tests.control_helpers import TOKEN, Client, control_url, eventually, in_thread, running

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from supervision.control import jsonrpc
-from supervision.control.jsonrpc import (
+from supervision.shell.control import jsonrpc
+from supervision.shell.control.jsonrpc import (
     INVALID_PARAMS,
     INVALID_REQUEST,
     METHOD_NOT_FOUND,
@@ -17,7 +17,7 @@ from supervision.control.jsonrpc import (
     parse_request,
     validate_params,
 )
-from supervision.control.server import AuthThrottle, TokenBucket
+from supervision.shell.control.server import AuthThrottle, TokenBucket
 
 
 def _error(text: str) -> RpcError:
@@ -202,7 +202,7 @@ def test_auth_throttle_allows_a_burst_of_failures_per_source_then_the_rate() -> 
 
 
 def test_auth_throttle_remembers_a_bounded_number_of_sources(monkeypatch) -> None:
-    from supervision.control import server
+    from supervision.shell.control import server
 
     monkeypatch.setattr(server, "AUTH_THROTTLE_SOURCES", 4)
     throttle = AuthThrottle(burst=2, rate=1.0)
@@ -217,7 +217,7 @@ def test_auth_throttle_remembers_a_bounded_number_of_sources(monkeypatch) -> Non
 def test_failed_tokens_are_charged_to_loopback_as_a_whole_and_to_an_ipv6_slash_64() -> None:
     from trio_websocket import Endpoint
 
-    from supervision.control.server import _source
+    from supervision.shell.control.server import _source
 
     assert _source(Endpoint("127.0.0.1", 1, False)) == _source(Endpoint("127.9.8.7", 2, False))
     assert _source(Endpoint("::1", 1, False)) == "loopback"

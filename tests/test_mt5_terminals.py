@@ -15,9 +15,9 @@ import pytest
 import trio
 
 from actors.mt5 import codes
-from supervision.config import ConfigError, RuntimeConfig
 from supervision.errors import ErrorCode, ErrorInfo
-from supervision.runtime import open_runtime
+from supervision.shell.config import ConfigError, RuntimeConfig
+from supervision.shell.runtime import open_runtime
 from tests.helpers import poll
 from tests.test_mt5_process_worker import child_pids
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from supervision import web
+from supervision.shell import web
 from tests.browser import Browser, find_chromium
 from tests.e2e_helpers import TOKEN, Rpc, RuntimeProcess, http_get, wait_all_connected
 
@@ -130,7 +130,7 @@ def assert_timeline_matches_log(browser: Browser, runtime: RuntimeProcess) -> li
 
 # ---------------------------------------------------------------------------- no browser
 class _Endpoints:
-    """What ``supervision.web`` reads of a runtime: where its servers listen."""
+    """What ``supervision.shell.web`` reads of a runtime: where its servers listen."""
 
     def __init__(self, **endpoints: tuple[str, int]) -> None:
         self.endpoints = endpoints

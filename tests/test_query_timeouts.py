@@ -10,9 +10,9 @@ import pytest
 import trio
 
 from actors.questdb.pgserver import EmbeddedPostgres
-from supervision.config import RuntimeConfig
 from supervision.errors import ErrorCode, Response
-from supervision.runtime import open_runtime
+from supervision.shell.config import RuntimeConfig
+from supervision.shell.runtime import open_runtime
 
 pytestmark = pytest.mark.realserver
 

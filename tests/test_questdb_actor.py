@@ -31,11 +31,11 @@ from actors.cache import TtlCache
 from actors.questdb.actor import QuestdbActor, QuestdbRef
 from actors.questdb.pgserver import EmbeddedPostgres
 from supervision.breaker import BreakerConfig, BreakerState
-from supervision.config import RuntimeConfig
 from supervision.errors import ErrorCode, Response
 from supervision.events import Event
-from supervision.runtime import open_runtime
 from supervision.settings import ActorSettings
+from supervision.shell.config import RuntimeConfig
+from supervision.shell.runtime import open_runtime
 from supervision.supervisor import ChildSpec, Supervisor
 from tests.helpers import Recorder, in_thread, poll, running_supervisor
 from tests.pg_fixtures import PG_TEST_PASSWORD

@@ -24,10 +24,10 @@ import trio
 from actors.questdb import persistence
 from actors.questdb.errors import classify_db_error
 from supervision.breaker import BreakerState
-from supervision.config import RuntimeConfig
 from supervision.errors import ErrorCode, Response
-from supervision.health import health_document
-from supervision.runtime import Runtime, open_runtime
+from supervision.shell.config import RuntimeConfig
+from supervision.shell.health import health_document
+from supervision.shell.runtime import Runtime, open_runtime
 from supervision.supervisor import ChildSpec
 from tests.helpers import in_thread, poll
 from tests.questdb_server import PASSWORD, QuestdbServer

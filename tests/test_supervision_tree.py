@@ -334,7 +334,7 @@ async def test_operator_restart_and_group_restart_use_fresh_instances(tmp_path, 
 
 
 def test_stable_s_is_configurable_in_supervisor_and_per_actor(tmp_path):
-    from supervision.config import ConfigError, RuntimeConfig
+    from supervision.shell.config import ConfigError, RuntimeConfig
 
     path = tmp_path / "runtime.toml"
     path.write_text("[supervisor]\nstable_s = 12.0\n[mt5]\nstable_s = 5.0\n")

@@ -876,7 +876,7 @@ class TerminalSimulator:
         if fault == "market_retcode" and not _is_int(params.get("retcode")):
             raise ValueError("market_retcode needs an integer retcode=, e.g. 10004")
         delay_s = params.get("delay_s")
-        if fault == "slow" and not (_is_number(delay_s) and delay_s > 0):
+        if fault == "slow" and not (_is_number(delay_s) and float(delay_s) > 0):  # type: ignore[arg-type]
             raise ValueError("slow needs a positive delay_s=")
 
         released: HangToken | None = None
@@ -905,7 +905,7 @@ class TerminalSimulator:
                 self._market_retcodes_left = int(count)
                 self._faults[fault] = until
             elif fault == "slow":
-                self._slow_delay_s = float(delay_s)
+                self._slow_delay_s = float(delay_s)  # type: ignore[arg-type]  # checked above
                 self._faults[fault] = until
             elif fault == "lost_reply":
                 self._lost_replies_left = int(count)
@@ -1525,7 +1525,7 @@ class TerminalSimulator:
             positions = self.positions_get(symbol=symbol)
         tried = 0
         done = 0
-        for pos in positions:  # None raises TypeError, as in the package
+        for pos in positions:  # type: ignore[union-attr]  # None raises TypeError, as in the package
             if pos.type in (mt5.ORDER_TYPE_BUY, mt5.ORDER_TYPE_SELL):
                 tried += 1
                 for _ in range(10):
@@ -1569,7 +1569,8 @@ class TerminalSimulator:
         r = None
         for _ in range(10):
             info = self.symbol_info_tick(symbol)  # None raises AttributeError, as in the package
-            quote = info.ask if order_type == mt5.ORDER_TYPE_BUY else info.bid
+            # None raises AttributeError above, as in the package.
+            quote = info.ask if order_type == mt5.ORDER_TYPE_BUY else info.bid  # type: ignore[union-attr]
             r = self._raw_order(order_type, symbol, volume, quote, comment, ticket)
             if r is None:
                 return None

@@ -364,7 +364,8 @@ _SPECS: dict[type, type] = {}
 
 def _asdict(self: tuple[Any, ...]) -> dict[str, Any]:
     """Convert named tuple object to dictionary"""
-    return dict(zip(type(self).__match_args__, self, strict=True))
+    names: tuple[str, ...] = type(self).__match_args__  # type: ignore[attr-defined]
+    return dict(zip(names, self, strict=True))
 
 
 def _struct_sequence(name: str, doc: str, spec: type) -> type:

@@ -61,7 +61,9 @@ from trio_websocket import (
 )
 
 from supervision.bus import Missed, Subscription, make_filter
-from supervision.control.jsonrpc import (
+from supervision.errors import describe
+from supervision.events import Event
+from supervision.shell.control.jsonrpc import (
     BUSY,
     INTERNAL_ERROR,
     INVALID_PARAMS,
@@ -79,11 +81,9 @@ from supervision.control.jsonrpc import (
     result_message,
     validate_params,
 )
-from supervision.errors import describe
-from supervision.events import Event
 
 if TYPE_CHECKING:
-    from supervision.runtime import Runtime
+    from supervision.shell.surface import RuntimeSurface
 
 log = logging.getLogger("mt5_supervisor.control")
 
@@ -211,7 +211,7 @@ class _Forwarding:
 
 
 async def serve_control(
-    rt: Runtime,
+    rt: RuntimeSurface,
     *,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -292,8 +292,8 @@ def tokens_equal(expected: str, given: str) -> bool:
 
 
 class ControlServer:
-    def __init__(self, rt: Runtime) -> None:
-        from supervision.httpserver import metrics_for
+    def __init__(self, rt: RuntimeSurface) -> None:
+        from supervision.shell.httpserver import metrics_for
 
         self.rt = rt
         cfg = rt.config["control"]

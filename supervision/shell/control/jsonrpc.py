@@ -100,10 +100,10 @@ def parse_request(text: str) -> Request:
         # JSON can spell a lone surrogate ("\\ud800") that is no Unicode character: it could
         # never be sent back, logged or stored as UTF-8. Refused here, before any handler.
         raw_id = obj.get("id") if isinstance(obj, dict) else None
-        rid = raw_id if _valid_id(raw_id) and not _has_lone_surrogate(raw_id) else None
+        safe_id = raw_id if _valid_id(raw_id) and not _has_lone_surrogate(raw_id) else None
         raise RpcError(INVALID_REQUEST, "invalid text: a string holds a lone UTF-16 surrogate "
                                         "(e.g. \\ud800 without its pair); send valid Unicode",
-                       request_id=rid)
+                       request_id=safe_id)
     if not isinstance(obj, dict):
         raise RpcError(INVALID_REQUEST, f"a request must be a JSON object, got "
                                         f"{_json_type(obj)}")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 if TYPE_CHECKING:
-    from supervision.runtime import Runtime
+    from supervision.shell.surface import RuntimeSurface
 
 CONFIG_PATH = "/ui/config.json"
 _FILES = {
@@ -46,7 +46,7 @@ def load_assets() -> dict[str, Asset]:
     return assets
 
 
-def page_config(rt: Runtime) -> dict[str, Any]:
+def page_config(rt: RuntimeSurface) -> dict[str, Any]:
     """What the page needs to find the control channel. A wildcard bind address tells the
     browser nothing, so the page then uses the host it loaded the page from."""
     endpoint = rt.endpoints.get("control")
@@ -57,11 +57,11 @@ def page_config(rt: Runtime) -> dict[str, Any]:
     return {"control": control, "health": "/health", "metrics": "/metrics"}
 
 
-def config_body(rt: Runtime) -> bytes:
+def config_body(rt: RuntimeSurface) -> bytes:
     return json.dumps(page_config(rt), separators=(",", ":")).encode()
 
 
-def security_headers(rt: Runtime) -> list[tuple[bytes, bytes]]:
+def security_headers(rt: RuntimeSurface) -> list[tuple[bytes, bytes]]:
     """A strict Content-Security-Policy: no inline script, no other origin but the control
     channel's WebSocket. Defence in depth behind the page's own escaping (it never puts
     server-provided text into HTML)."""

@@ -32,13 +32,13 @@ from prometheus_client.core import (
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from supervision import web
-from supervision.control.jsonrpc import dumps
-from supervision.health import CONTENT_TYPE as HEALTH_CONTENT_TYPE
+from supervision.shell import web
+from supervision.shell.control.jsonrpc import dumps
+from supervision.shell.health import CONTENT_TYPE as HEALTH_CONTENT_TYPE
 from supervision.states import ConnectionState
 
 if TYPE_CHECKING:
-    from supervision.runtime import Runtime
+    from supervision.shell.surface import RuntimeSurface
 
 log = logging.getLogger("mt5_supervisor.http")
 
@@ -85,7 +85,7 @@ class RuntimeMetrics:
 _METRICS: weakref.WeakKeyDictionary[Any, RuntimeMetrics] = weakref.WeakKeyDictionary()
 
 
-def metrics_for(rt: Runtime) -> RuntimeMetrics:
+def metrics_for(rt: RuntimeSurface) -> RuntimeMetrics:
     metrics = _METRICS.get(rt)
     if metrics is None:
         metrics = _METRICS[rt] = RuntimeMetrics()
@@ -98,7 +98,7 @@ def metrics_for(rt: Runtime) -> RuntimeMetrics:
 class RuntimeCollector(Collector):
     """Reads the supervisor at scrape time (on the trio thread, no I/O)."""
 
-    def __init__(self, rt: Runtime) -> None:
+    def __init__(self, rt: RuntimeSurface) -> None:
         self.rt = rt
 
     def collect(self) -> Iterator[Metric]:
@@ -210,13 +210,13 @@ def _actor_checks_and_figures(sup: Any) -> Iterator[Metric]:
     yield from (checks, figures)
 
 
-def make_app(rt: Runtime) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+def make_app(rt: RuntimeSurface) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     """The ASGI application: GET/HEAD /health, /metrics and the operator's page (``/``,
     its files and ``/ui/config.json``); 404 elsewhere; 405 otherwise."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RuntimeCollector(rt))
     ProcessCollector(registry=registry)
-    page_assets = web.load_assets()  # the operator's page (supervision/web/), read once
+    page_assets = web.load_assets()  # the operator's page (supervision/shell/web/), read once
 
     async def respond(send: Send, status: int, body: bytes, content_type: str,
                       head: bool = False, extra: list[tuple[bytes, bytes]] | None = None
@@ -279,7 +279,7 @@ def _bind(host: str, port: int) -> str:
 
 
 async def serve_http(
-    rt: Runtime,
+    rt: RuntimeSurface,
     *,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -296,7 +296,9 @@ async def serve_http(
     config.graceful_timeout = 1.0
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(functools.partial(
-            serve, make_app(rt), config, shutdown_trigger=rt.wait_shutdown))
+            # Our ASGI app is typed with plain mappings, Hypercorn's with its TypedDicts.
+            serve, make_app(rt), config,  # type: ignore[arg-type]
+            shutdown_trigger=rt.wait_shutdown))
         # "http://127.0.0.1:54321" or "http://[::1]:54321"
         port = int(binds[0].rsplit(":", 1)[1])
         log.info("health and metrics on http://%s/health", _bind(cfg["host"], port))

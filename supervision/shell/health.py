@@ -33,9 +33,11 @@ from supervision.clock import iso
 from supervision.eventlog import LogCondition
 
 if TYPE_CHECKING:
-    from supervision.runtime import Runtime
+    from supervision.shell.surface import RuntimeSurface
 
 CONTENT_TYPE = "application/health+json"
+# The default tree's essential actors; the runtime that assembles a tree says which are
+# essential in it (``RuntimeSurface.essential``: every terminal, and the database).
 ESSENTIAL_ACTORS = frozenset({"mt5", "questdb"})
 DATASTORES = frozenset({"questdb", "cache"})
 
@@ -51,9 +53,10 @@ except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare 
     RELEASE_ID = "0+unknown"
 
 
-def overall_status(actor_states: dict[str, str], check_statuses: list[str]) -> str:
+def overall_status(actor_states: dict[str, str], check_statuses: list[str],
+                   essential_actors: frozenset[str] = ESSENTIAL_ACTORS) -> str:
     """The rule, on its own so it can be tested as a table."""
-    essential = [state for name, state in actor_states.items() if name in ESSENTIAL_ACTORS]
+    essential = [state for name, state in actor_states.items() if name in essential_actors]
     if essential and all(state == "ERROR" for state in essential):
         return "fail"
     if any(status != "pass" for status in check_statuses):
@@ -61,7 +64,7 @@ def overall_status(actor_states: dict[str, str], check_statuses: list[str]) -> s
     return "pass"
 
 
-def health_document(rt: Runtime) -> tuple[int, dict[str, Any]]:
+def health_document(rt: RuntimeSurface) -> tuple[int, dict[str, Any]]:
     """``(http_status, document)``."""
     sup = rt.supervisor
     now = iso(sup.wallclock.wall(trio.current_time()))
@@ -123,7 +126,7 @@ def health_document(rt: Runtime) -> tuple[int, dict[str, Any]]:
     if eventlog["status"] != "pass":
         problems.append(eventlog["output"])
     statuses = [c["status"] for entries in checks.values() for c in entries]
-    overall = overall_status(states, statuses)
+    overall = overall_status(states, statuses, rt.essential)
     if eventlog["status"] == "fail":
         overall = "fail"  # events are not being logged: nothing downstream can be trusted
     doc: dict[str, Any] = {

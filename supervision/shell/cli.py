@@ -18,7 +18,7 @@ from typing import Any, TextIO
 
 import trio
 
-from supervision.config import ConfigError, RuntimeConfig
+from supervision.shell.config import ConfigError, RuntimeConfig
 
 DEFAULT_URL = "ws://127.0.0.1:8765/"
 EXIT_OK = 0
@@ -273,7 +273,7 @@ def _find(exc: BaseException, kind: type[BaseException]) -> Any:
 
 
 async def _run(config: RuntimeConfig, out: TextIO | None = None) -> int:
-    from supervision.runtime import open_runtime
+    from supervision.shell.runtime import open_runtime
 
     out = out or sys.stdout
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

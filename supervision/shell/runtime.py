@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING, Any, overload
 import attrs
 import trio
 
-from supervision.config import ConfigError, RuntimeConfig
 from supervision.errors import ErrorCode, ErrorInfo, Response
 from supervision.eventlog import EventLog
 from supervision.ref import ActorRef
 from supervision.settings import ActorSettings
+from supervision.shell.config import ConfigError, RuntimeConfig
+from supervision.shell.health import ESSENTIAL_ACTORS
 from supervision.states import ConnectionState
 from supervision.supervisor import (
     ChildSpec,
@@ -61,6 +62,8 @@ class Runtime:
         self._shutdown = trio.Event()
         self._servers: list[trio.CancelScope] = []
         self.endpoints: dict[str, tuple[str, int]] = {}
+        # Product knowledge for health: the database and every terminal (set as they start).
+        self.essential: frozenset[str] = ESSENTIAL_ACTORS
         self._nursery: trio.Nursery | None = None  # for the runtime's own background tasks
 
     # ------------------------------------------------------------------ actors
@@ -92,7 +95,7 @@ class Runtime:
         return {"actors": self.supervisor.status()}
 
     def health(self) -> tuple[int, dict[str, Any]]:
-        from supervision.health import health_document
+        from supervision.shell.health import health_document
 
         return health_document(self)
 
@@ -252,11 +255,11 @@ async def open_runtime(
                 for spec in children:
                     await sup.start_child(spec)
                 if config["control"]["enabled"]:
-                    from supervision.control.server import serve_control
+                    from supervision.shell.control.server import serve_control
 
                     await _start_server(nursery, rt, "control", serve_control)
                 if config["health"]["enabled"]:
-                    from supervision.httpserver import serve_http
+                    from supervision.shell.httpserver import serve_http
 
                     await _start_server(nursery, rt, "health", serve_http)
                 yield rt
@@ -356,6 +359,7 @@ async def _start_mt5(rt: Runtime) -> None:
     # ledger, breaker and backoff.
     names = (["mt5"] if config["mt5"]["enabled"] else []) + [
         f"mt5-{t}" for t, keys in config.terminals.items() if keys["enabled"]]
+    rt.essential = rt.essential | set(names)
     for name in names:
         terminal = make_mt5_actor(config, name)
         rt.simulators[name] = terminal.simulator

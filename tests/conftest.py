@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.pg_fixtures", "tests.questdb_server"]
+pytest_plugins = ["tests.support.pg_fixtures", "tests.support.questdb_server"]

@@ -18,7 +18,8 @@ from supervision.actor import Actor
 from supervision.messages import check_notice
 from supervision.shell.health import ESSENTIAL_ACTORS, health_document
 from supervision.supervisor import ChildSpec, Supervisor
-from tests.helpers import poll, running_supervisor
+from tests.support.actors import running_supervisor
+from tests.support.waiting import eventually
 
 
 class Reporter(Actor):
@@ -48,13 +49,13 @@ async def test_a_check_is_kept_in_status_and_shown_in_health(
             [row] = sup.status()
             return (row.get("checks") or {}).get("disk")
 
-        await poll(lambda: check() is not None, limit_s=5)
+        await eventually(lambda: check() is not None, within_s=5)
         assert check()["status"] == "pass"  # type: ignore[index]
         code, doc = health_of(sup)
         assert code == 200 and doc["status"] == "pass"
         assert doc["checks"]["bot:disk"][0]["status"] == "pass"
 
-        await poll(lambda: (check() or {}).get("status") == "fail", limit_s=5)
+        await eventually(lambda: (check() or {}).get("status") == "fail", within_s=5)
         code, doc = health_of(sup)
         entry = doc["checks"]["bot:disk"][0]
         assert entry["status"] == "fail" and entry["output"] == "disk full: free some space"
@@ -62,7 +63,7 @@ async def test_a_check_is_kept_in_status_and_shown_in_health(
         # One actor's own check failing is a warning for the whole runtime, not a failure.
         assert code == 200 and doc["status"] == "warn" and "bot:disk fail" in doc["output"]
 
-        await poll(lambda: (check() or {}).get("status") == "pass", limit_s=5)
+        await eventually(lambda: (check() or {}).get("status") == "pass", within_s=5)
         assert health_of(sup)[1]["status"] == "pass"
         kinds = [e.kind for e in sup.log.read_since(0) if e.actor == "bot"]
         assert kinds.count("check_changed") == 3  # each one is a logged event

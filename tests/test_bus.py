@@ -16,7 +16,7 @@ from supervision.eventlog import iter_file
 from supervision.events import Event
 from supervision.settings import ActorSettings
 from supervision.supervisor import ChildSpec, Supervisor
-from tests.helpers import FlakyActor, FlakyResource, running_supervisor
+from tests.support.actors import FlakyActor, FlakyResource, running_supervisor
 
 WALL0 = 1_800_000_000.0  # a fixed wall anchor, so two runs give byte-identical events
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from supervision.shell import cli
-from tests.control_helpers import control_url, emit_events, in_thread, running, wait_head
+from tests.support.inprocess import control_url, emit_events, running, wait_head
+from tests.support.waiting import in_thread
 
 pytestmark = pytest.mark.realserver
 
@@ -184,7 +185,7 @@ def test_run_stops_on_a_shutdown_request(tmp_path) -> None:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         url = _read_until(proc, "control: ").split(" ", 1)[1]
-        from tests.control_helpers import Client
+        from tests.support.inprocess import Client
 
         client = Client(url, token="t0k3n")
         assert client.result("runtime.shutdown") == {"ok": True}

@@ -23,16 +23,8 @@ from supervision.settings import ActorSettings
 from supervision.shell.control import server as control_server
 from supervision.shell.httpserver import metrics_for
 from supervision.supervisor import ChildSpec
-from tests.control_helpers import (
-    TOKEN,
-    Client,
-    control_url,
-    emit_events,
-    eventually,
-    in_thread,
-    running,
-    wait_head,
-)
+from tests.support.inprocess import TOKEN, Client, control_url, emit_events, running, wait_head
+from tests.support.waiting import eventually, in_thread
 
 pytestmark = pytest.mark.realserver
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from websockets.exceptions import InvalidStatus
 
-from tests.e2e_helpers import REPO_ROOT, TOKEN, TOKEN_ENV, Rpc, RuntimeProcess, http_get
+from tests.support.e2e import REPO_ROOT, TOKEN, TOKEN_ENV, Rpc, RuntimeProcess, http_get
 
 # The MT5 simulator's password: what an attacker tries to guess through echoed errors.
 MT5_SECRET = "Tr0ub4dor-e2e"

@@ -21,7 +21,7 @@ from asyncpg.exceptions import _base as asyncpg_base
 from actors.questdb.errors import classify_db_error, is_connection_error
 from actors.questdb.pgserver import EmbeddedPostgres
 from supervision.errors import ErrorCode, Failure
-from tests.pg_fixtures import PG_TEST_PASSWORD
+from tests.support.pg_fixtures import PG_TEST_PASSWORD
 
 T = TypeVar("T")
 

@@ -18,7 +18,7 @@ from supervision.settings import ActorSettings
 from supervision.states import Input, initial, step
 from supervision.supervisor import ChildSpec
 from supervision.watchdog import DeadlineWatchdog
-from tests.helpers import FlakyActor, FlakyResource, running_supervisor
+from tests.support.actors import FlakyActor, FlakyResource, running_supervisor
 
 
 class Sleeper(Actor):

@@ -31,8 +31,8 @@ from supervision.logcheck import LogInUse, check_log, repair_log
 from supervision.loghwm import read_mark
 from supervision.messages import Notice
 from supervision.shell import cli
-from tests.helpers import running_supervisor
-from tests.small_disk import SmallDisk, mount_small_disk, unmount
+from tests.support.actors import running_supervisor
+from tests.support.small_disk import SmallDisk, mount_small_disk, unmount
 
 T0 = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
 BIG = "x" * 6000  # larger than a page: cannot slip into the last page's slack

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e_helpers import (
+from tests.support.e2e import (
     REPO_ROOT,
     TOKEN,
     Rpc,
@@ -26,7 +26,7 @@ from tests.e2e_helpers import (
     scratch_state_dir,
     wait_all_connected,
 )
-from tests.small_disk import bind_mount, mount_small_disk, unmount
+from tests.support.small_disk import bind_mount, mount_small_disk, unmount
 
 pytestmark = [pytest.mark.realserver, pytest.mark.slow]
 

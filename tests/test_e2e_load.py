@@ -1,6 +1,6 @@
 """End to end under load: 100 control clients, one stalled subscriber and a terminal crash.
 
-``mt5-supervisor run`` runs as a subprocess (see ``tests/e2e_helpers.py``). In this test
+``mt5-supervisor run`` runs as a subprocess (see ``tests/support/e2e.py``). In this test
 process, one asyncio loop runs 100 ``websockets`` clients that send reads back to back
 (``runtime.status``, ``runtime.health``, ``actor.call`` of ``cache get``,
 ``questdb fetch`` and ``mt5 symbol_info_tick``); 10 of them also hold an event subscription.
@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from tests.e2e_helpers import (
+from tests.support.e2e import (
     TOKEN,
     Rpc,
     RuntimeProcess,
@@ -71,16 +71,10 @@ OPS: list[tuple[str, dict[str, Any] | None]] = [
 
 @pytest.fixture
 def runtime(tmp_path) -> Iterator[RuntimeProcess]:
-    rt = RuntimeProcess(tmp_path / "load", sections={
+    with RuntimeProcess(tmp_path / "load", sections={
         "control": {"requests_per_second": 100_000.0, "max_connections": 256},
-    })
-    rt.start()
-    try:
-        rt.wait_ready()
+    }).serving() as rt:
         yield rt
-    finally:
-        code = rt.close()
-    assert code == 0, rt.output()
 
 
 class LoadClient:

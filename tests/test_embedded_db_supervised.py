@@ -19,8 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.db_attack_helpers import postmaster, server_setting
-from tests.e2e_helpers import (
+from tests.support.db_attack import postmaster, server_setting
+from tests.support.e2e import (
     REPO_ROOT,
     TOKEN,
     Rpc,
@@ -35,14 +35,8 @@ pytestmark = pytest.mark.realserver
 
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RuntimeProcess]:
-    rt = RuntimeProcess(tmp_path_factory.mktemp("embedded-db"))
-    rt.start()
-    try:
-        rt.wait_ready()
+    with RuntimeProcess(tmp_path_factory.mktemp("embedded-db")).serving() as rt:
         yield rt
-    finally:
-        code = rt.close()
-    assert code == 0, rt.output()
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ from supervision.settings import ActorSettings
 from supervision.shell.config import RuntimeConfig
 from supervision.shell.runtime import Runtime, open_runtime
 from supervision.supervisor import ChildSpec
-from tests.helpers import in_thread, poll
+from tests.support.waiting import eventually, in_thread
 
 pytestmark = pytest.mark.realserver
 
@@ -159,9 +159,9 @@ async def test_every_event_reaches_the_table(tmp_path: Path, pg_dsn: str) -> Non
                 flapper("bot", 0.05, times=2)]
     async with persisting_runtime(state_dir, pg_dsn, children) as rt:
         await rt.inject("terminal_crash")
-        await poll(lambda: rt.state("mt5") != "CONNECTED", limit_s=10)
+        await eventually(lambda: rt.state("mt5") != "CONNECTED", within_s=10)
         await rt.inject("clear")
-        await poll(lambda: rt.state("mt5") == "CONNECTED", limit_s=10)
+        await eventually(lambda: rt.state("mt5") == "CONNECTED", within_s=10)
         last = await caught_up(rt)
         rows = await table(rt)
         lines = log_lines(state_dir)
@@ -183,19 +183,19 @@ async def test_events_wait_in_the_log_while_the_database_is_down(
         store = store_of(rt)
         persisted = await caught_up(rt)
         await in_thread(pg_server.stop)
-        await poll(lambda: rt.state("questdb") == "ERROR", limit_s=10)
+        await eventually(lambda: rt.state("questdb") == "ERROR", within_s=10)
         # Events go on (the database's own outage, a terminal crash) and wait in the log.
         await rt.inject("terminal_crash")
         await trio.sleep(1.5)
         await rt.inject("clear")
-        await poll(lambda: rt.state("mt5") == "CONNECTED", limit_s=10)
+        await eventually(lambda: rt.state("mt5") == "CONNECTED", within_s=10)
         lines = log_lines(state_dir)
         waiting = [seq for seq in lines if seq > persisted]
         assert len(waiting) >= 10
         assert {json.loads(lines[s])["actor"] for s in waiting} >= {"questdb", "mt5"}
         assert store.persisted_seq == persisted
         # The store retries after 1 s, 2 s, then 4 s...: come back during the 4 s wait.
-        await poll(lambda: store.failures >= 3, limit_s=10)
+        await eventually(lambda: store.failures >= 3, within_s=10)
 
         await in_thread(pg_server.start)
         back = trio.current_time()
@@ -234,7 +234,7 @@ async def test_replays_are_idempotent(tmp_path: Path, pg_dsn: str) -> None:
         await trio.sleep(0.3)
         await rt.inject("clear")
         last = await caught_up(rt)
-        await poll(lambda: second.persisted_seq >= last, limit_s=5)
+        await eventually(lambda: second.persisted_seq >= last, within_s=5)
         rows = await table(rt)
         assert_table_matches_log(rows, log_lines(state_dir))
         dup = await rt.questdb.fetch("SELECT seq, count(*) AS n FROM supervision_events "

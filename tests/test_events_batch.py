@@ -9,14 +9,8 @@ import json
 from typing import Any
 
 from supervision.shell.control import server as control_server
-from tests.control_helpers import (
-    Client,
-    control_url,
-    emit_events,
-    in_thread,
-    running,
-    wait_head,
-)
+from tests.support.inprocess import Client, control_url, emit_events, running, wait_head
+from tests.support.waiting import in_thread
 
 
 def notifications_until_live(c: Client, sub: str) -> list[dict[str, Any]]:

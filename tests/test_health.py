@@ -17,8 +17,9 @@ from supervision.settings import ActorSettings
 from supervision.shell.health import overall_status
 from supervision.states import ConnectionState
 from supervision.supervisor import ChildSpec
-from tests.control_helpers import TOKEN, Client, control_url, eventually, in_thread, running
-from tests.helpers import FlakyActor, FlakyResource
+from tests.support.actors import FlakyActor, FlakyResource
+from tests.support.inprocess import TOKEN, Client, control_url, running
+from tests.support.waiting import eventually, in_thread
 
 SERVERS_OFF: dict[str, Any] = {"control": {"enabled": False}, "health": {"enabled": False}}
 

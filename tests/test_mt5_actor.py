@@ -34,7 +34,7 @@ from actors.mt5.worker import WorkerLost
 from supervision.errors import ErrorCode
 from supervision.settings import ActorSettings
 from supervision.supervisor import ChildSpec, Supervisor
-from tests.helpers import Recorder, running_supervisor
+from tests.support.actors import Recorder, running_supervisor
 
 E = ErrorCode
 # DESIGN.md section 3 defaults, spelled out: the expected schedules below depend on them.

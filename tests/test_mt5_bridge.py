@@ -1,6 +1,6 @@
 """The mt5linux bridge, driven for real: the real ``mt5linux`` client (0.1.x, rpyc classic)
 in the terminal's worker process, against an rpyc classic server that serves our simulator
-in place of the Windows package (``tests/mt5linux_server.py``). Real time.
+in place of the Windows package (``tests/support/mt5linux_server.py``). Real time.
 
 The bridge's own failure modes: the server gone (a lost terminal, then a reconnect once it
 is back), the server slow (the call's deadline kills the worker process), and rpyc's
@@ -30,8 +30,9 @@ from actors.mt5.terminal_process import BackendRecipe
 from supervision.errors import ErrorCode
 from supervision.settings import ActorSettings
 from supervision.supervisor import ChildSpec
-from tests.e2e_helpers import free_port
-from tests.helpers import Recorder, poll, running_supervisor
+from tests.support.actors import Recorder, running_supervisor
+from tests.support.e2e import free_port
+from tests.support.waiting import eventually
 
 if os.environ.get("CI", "").lower() in ("true", "1"):
     import mt5linux  # noqa: F401
@@ -51,9 +52,9 @@ BUY = {"action": codes.TRADE_ACTION_DEAL, "symbol": "EURUSD", "volume": 0.1,
 
 @contextlib.asynccontextmanager
 async def bridge_server(port: int) -> AsyncIterator[trio.Process]:
-    """``python -m tests.mt5linux_server`` until the block ends (killed and reaped)."""
+    """``python -m tests.support.mt5linux_server`` until the block ends (killed and reaped)."""
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "tests.mt5linux_server", "--port", str(port)],
+        [sys.executable, "-m", "tests.support.mt5linux_server", "--port", str(port)],
         stdout=subprocess.PIPE, cwd=REPO)
     try:
         assert process.stdout is not None
@@ -137,9 +138,9 @@ async def test_the_server_gone_is_a_lost_terminal_and_its_return_a_reconnect(tmp
         await server.wait()
         gone = await ref.symbol_info_tick("EURUSD")
         assert gone.error is not None and gone.error.code is ErrorCode.MT5_IPC_FAILED
-        await poll(lambda: ref.state == "RECONNECTING", limit_s=30.0)
+        await eventually(lambda: ref.state == "RECONNECTING", within_s=30.0)
         async with bridge_server(port):  # back, on the same port
-            await poll(lambda: ref.state == "CONNECTED", limit_s=60.0)
+            await eventually(lambda: ref.state == "CONNECTED", within_s=60.0)
             assert (await ref.symbol_info_tick("EURUSD")).ok
         # The bridge reconnected inside the same worker process: no kill was needed.
         assert host.pid == pid and host.killed == 0

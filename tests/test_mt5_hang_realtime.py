@@ -23,7 +23,7 @@ from actors.mt5.worker import ABANDONED
 from supervision.errors import ErrorCode
 from supervision.settings import ActorSettings
 from supervision.supervisor import ChildSpec
-from tests.helpers import Recorder, running_supervisor
+from tests.support.actors import Recorder, running_supervisor
 
 MT5_FUNCTIONS = set(SIGNATURES) | {"initialize", "shutdown"}
 DEADLINE_S = 0.5

@@ -27,7 +27,7 @@ from actors.mt5.worker import ABANDONED
 from supervision.errors import ErrorCode
 from supervision.settings import ActorSettings
 from supervision.supervisor import ChildSpec, Supervisor
-from tests.helpers import Recorder, running_supervisor
+from tests.support.actors import Recorder, running_supervisor
 
 DEADLINE_S = 0.5
 SETTINGS = ActorSettings(backoff_base_s=0.2, shutdown_timeout_s=2.0, connect_timeout_s=30.0,

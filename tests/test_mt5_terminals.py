@@ -18,7 +18,7 @@ from actors.mt5 import codes
 from supervision.errors import ErrorCode, ErrorInfo
 from supervision.shell.config import ConfigError, RuntimeConfig
 from supervision.shell.runtime import open_runtime
-from tests.helpers import poll
+from tests.support.waiting import eventually
 from tests.test_mt5_process_worker import child_pids
 
 FAST = {"backoff_base_s": 0.1, "health_interval_s": 0.5, "call_timeout_s": 5.0,
@@ -38,7 +38,7 @@ def two_terminals(tmp_path: Path, env: dict[str, str] | None = None) -> RuntimeC
 
 
 async def wait_state(rt: Any, name: str, state: str, limit_s: float = 30.0) -> None:
-    await poll(lambda: rt.state(name) == state, limit_s=limit_s)
+    await eventually(lambda: rt.state(name) == state, within_s=limit_s)
 
 
 async def test_one_terminal_crashes_and_escalates_while_the_other_keeps_trading(tmp_path):

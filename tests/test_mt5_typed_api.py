@@ -25,7 +25,7 @@ from actors.mt5.api import SIGNATURES, Mt5Ref
 from actors.mt5.simulator import PACKAGE_FUNCTIONS, TerminalSimulator
 from supervision.errors import Response
 from supervision.supervisor import ChildSpec
-from tests.helpers import running_supervisor
+from tests.support.actors import running_supervisor
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,7 @@
 """The operator's live page (DESIGN.md section 7), in a real browser against a real runtime.
 
-``mt5-supervisor run`` runs as a subprocess (``tests/e2e_helpers.py``: simulator, embedded
-PostgreSQL, short backoff and probe timings); headless Chromium (``tests/browser.py``, the
+``mt5-supervisor run`` runs as a subprocess (``tests/support/e2e.py``: simulator, embedded
+PostgreSQL, short backoff and probe timings); headless Chromium (``tests/support/browser.py``, the
 DevTools protocol) loads ``http://127.0.0.1:<health port>/`` and the tests read what is on
 the screen (the DOM), while a separate control-channel client makes things happen and reads
 the event log to compare.
@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 
 from supervision.shell import web
-from tests.browser import Browser, find_chromium
-from tests.e2e_helpers import TOKEN, Rpc, RuntimeProcess, http_get, wait_all_connected
+from tests.support.browser import Browser, find_chromium
+from tests.support.e2e import TOKEN, Rpc, RuntimeProcess, http_get, wait_all_connected
 
 pytestmark = [pytest.mark.realserver, pytest.mark.slow]
 
@@ -36,16 +36,10 @@ ACTORS = ("cache", "questdb", "mt5", "mt5-acct2", "events_store")
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RuntimeProcess]:
     # A generous request rate: the page polls status and health, tests poll the log.
-    rt = RuntimeProcess(tmp_path_factory.mktemp("operator-page"), sections={
+    with RuntimeProcess(tmp_path_factory.mktemp("operator-page"), sections={
         "control": {"requests_per_second": 200.0},
-        "mt5.terminals.acct2": {"backend": "simulator"}})
-    rt.start()
-    try:
-        rt.wait_ready()
+        "mt5.terminals.acct2": {"backend": "simulator"}}).serving() as rt:
         yield rt
-    finally:
-        code = rt.close()
-    assert code == 0, rt.output()
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 
 from actors.questdb.pgserver import EmbeddedPostgres, EmbeddedPostgresError
-from tests.pg_fixtures import PG_TEST_INITDB_OPTIONS, PG_TEST_PASSWORD
+from tests.support.pg_fixtures import PG_TEST_INITDB_OPTIONS, PG_TEST_PASSWORD
 
 pytestmark = pytest.mark.realserver
 

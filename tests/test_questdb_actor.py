@@ -37,8 +37,9 @@ from supervision.settings import ActorSettings
 from supervision.shell.config import RuntimeConfig
 from supervision.shell.runtime import open_runtime
 from supervision.supervisor import ChildSpec, Supervisor
-from tests.helpers import Recorder, in_thread, poll, running_supervisor
-from tests.pg_fixtures import PG_TEST_PASSWORD
+from tests.support.actors import Recorder, running_supervisor
+from tests.support.pg_fixtures import PG_TEST_PASSWORD
+from tests.support.waiting import eventually, in_thread
 
 pytestmark = pytest.mark.realserver
 
@@ -614,7 +615,7 @@ async def test_stop_the_database_verify_graceful_degradation(
         assert doc["checks"]["questdb:connection"][0]["status"] == "pass"
 
         await in_thread(pg_server.stop)
-        await poll(lambda: rt.state("questdb") == "ERROR", limit_s=10)
+        await eventually(lambda: rt.state("questdb") == "ERROR", within_s=10)
         resp = await rt.questdb.fetch(sql)
         assert resp.status == "degraded" and resp.data == ok.data, resp
         assert resp.cached_at is not None and before <= resp.cached_at <= fetched
@@ -641,7 +642,7 @@ async def test_stop_the_database_verify_graceful_degradation(
         assert tick.ok, tick
 
         await in_thread(pg_server.start)
-        await poll(lambda: rt.state("questdb") == "CONNECTED", limit_s=10)
+        await eventually(lambda: rt.state("questdb") == "CONNECTED", within_s=10)
         # DESIGN's breaker: an open circuit fails fast for breaker_open_s (1 s here) even
         # though the database is back, then lets one half-open probe through.
         with trio.fail_after(5):

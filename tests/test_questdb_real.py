@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +29,9 @@ from supervision.shell.config import RuntimeConfig
 from supervision.shell.health import health_document
 from supervision.shell.runtime import Runtime, open_runtime
 from supervision.supervisor import ChildSpec
-from tests.helpers import in_thread, poll
-from tests.questdb_server import PASSWORD, QuestdbServer
-from tests.test_event_persistence import FAST, flapper, log_lines, store_of
+from tests.support.questdb_server import PASSWORD, QuestdbServer
+from tests.support.waiting import eventually, in_thread
+from tests.test_event_persistence import flapper, log_lines, runtime_config, store_of
 from tests.test_questdb_actor import (
     RETRY_DELAYS,
     assert_unavailable,
@@ -59,20 +59,6 @@ async def table_seqs(server: QuestdbServer) -> list[int]:
 
 async def drop_events_table(server: QuestdbServer) -> None:
     await in_thread(lambda: server.exec(f"DROP TABLE IF EXISTS {TABLE}"))
-
-
-def runtime_config(state_dir: Path, dsn: str, **sections: Mapping[str, Any]) -> RuntimeConfig:
-    raw: dict[str, Any] = {
-        "runtime": {"state_dir": str(state_dir), "fsync": "never"},
-        "control": {"enabled": False},
-        "health": {"enabled": False},
-        "questdb": {"dsn": dsn, "breaker_open_s": 1.0, **FAST},
-        "mt5": {"backend": "simulator", **FAST},
-        "cache": {"shutdown_timeout_s": 3.0},
-    }
-    for name, values in sections.items():
-        raw.setdefault(name, {}).update(values)
-    return RuntimeConfig.from_mapping(raw, env={})
 
 
 @contextlib.asynccontextmanager
@@ -251,14 +237,14 @@ async def test_a_table_that_lost_its_dedup_is_repaired_and_reported(
     assert not info["dedup"]
     # A restart of the runtime: the table is verified and DEDUP put back before any write.
     async with questdb_runtime(state_dir, questdb.dsn) as rt:
-        await poll(lambda: "table" in (_checks(rt, "events_store")), limit_s=10)
+        await eventually(lambda: "table" in (_checks(rt, "events_store")), within_s=10)
         first = _check_events(rt, "table")[0]
         assert first["status"] == "warn"
         assert f"ALTER TABLE {TABLE} DEDUP ENABLE UPSERT KEYS(ts, seq)" in first["output"]
         seqs = await persisted_up_to_log(rt, questdb)
         assert_exactly_once(seqs, rt.supervisor.log.last_seq)
-        await poll(lambda: _checks(rt, "events_store").get("table", {}).get("status")
-                   == "pass", limit_s=10)
+        await eventually(lambda: _checks(rt, "events_store").get("table", {}).get("status")
+                   == "pass", within_s=10)
     assert any("repairing table" in r.getMessage() for r in caplog.records)
     [info] = [r for r in await exec_rows(questdb, "tables()") if r["table_name"] == TABLE]
     assert info["dedup"]
@@ -278,13 +264,13 @@ async def test_a_table_that_cannot_deduplicate_holds_persistence_loudly(
         "error_message VARCHAR, payload VARCHAR) TIMESTAMP(ts) PARTITION BY DAY BYPASS WAL"))
     async with questdb_runtime(tmp_path / "var", questdb.dsn) as rt:
         store = store_of(rt)
-        await poll(lambda: store.last_error is not None, limit_s=10)
+        await eventually(lambda: store.last_error is not None, within_s=10)
         extra = store.status_extra()
         assert extra["last_error"]["code"] == "TABLE_UNUSABLE"
         assert "is not a WAL table" in extra["last_error"]["message"]
         assert extra["persisted_seq"] == 0 and extra["lag"] == rt.supervisor.log.last_seq
         assert extra["skipped"] == 0
-        await poll(lambda: health_check(rt, "events_store:table") is not None, limit_s=10)
+        await eventually(lambda: health_check(rt, "events_store:table") is not None, within_s=10)
         check = health_check(rt, "events_store:table")
         assert check is not None and check["status"] == "fail"
         assert "SET TYPE WAL" in check["output"]
@@ -299,10 +285,10 @@ async def test_a_table_that_cannot_deduplicate_holds_persistence_loudly(
     async with questdb_runtime(tmp_path / "var", questdb.dsn) as rt:
         seqs = await persisted_up_to_log(rt, questdb)
         assert_exactly_once(seqs, rt.supervisor.log.last_seq)
-        await poll(lambda: (health_check(rt, "events_store:table") or {}).get("status")
-                   == "pass", limit_s=10)
-        await poll(lambda: (health_check(rt, "events_store:persistence") or {}).get("status")
-                   == "pass", limit_s=10)
+        await eventually(lambda: (health_check(rt, "events_store:table") or {}).get("status")
+                   == "pass", within_s=10)
+        await eventually(lambda: (health_check(rt, "events_store:persistence") or {}).get("status")
+                   == "pass", within_s=10)
 
 
 async def test_a_suspended_wal_table_is_reported_with_its_remedy_and_persistence_resumes(
@@ -317,8 +303,8 @@ async def test_a_suspended_wal_table_is_reported_with_its_remedy_and_persistence
     async with questdb_runtime(tmp_path / "var", questdb.dsn, children) as rt:
         await persisted_up_to_log(rt, questdb)
         await in_thread(lambda: questdb.exec(f"ALTER TABLE {TABLE} SUSPEND WAL"))
-        await poll(lambda: (health_check(rt, "events_store:table") or {}).get("status")
-                   == "fail", limit_s=10)
+        await eventually(lambda: (health_check(rt, "events_store:table") or {}).get("status")
+                   == "fail", within_s=10)
         check = health_check(rt, "events_store:table")
         assert check is not None
         assert f"ALTER TABLE {TABLE} RESUME WAL" in check["output"]
@@ -330,14 +316,14 @@ async def test_a_suspended_wal_table_is_reported_with_its_remedy_and_persistence
         assert row["extra"]["table"]["suspended"] is True
         # Events go on being written while it is suspended: they wait in QuestDB's WAL.
         suspended_at = store_of(rt).persisted_seq
-        await poll(lambda: store_of(rt).persisted_seq > suspended_at, limit_s=10)
+        await eventually(lambda: store_of(rt).persisted_seq > suspended_at, within_s=10)
         assert store_of(rt).status_extra()["skipped"] == 0
         await trio.sleep(1.0)  # a few table checks see max(seq) behind what was written
         applied = await exec_rows(questdb, f"SELECT max(seq) m FROM {TABLE}")
         assert applied[0]["m"] <= suspended_at < store_of(rt).persisted_seq
         await in_thread(lambda: questdb.exec(f"ALTER TABLE {TABLE} RESUME WAL"))
-        await poll(lambda: (health_check(rt, "events_store:table") or {}).get("status")
-                   == "pass", limit_s=10)
+        await eventually(lambda: (health_check(rt, "events_store:table") or {}).get("status")
+                   == "pass", within_s=10)
         seqs = await persisted_up_to_log(rt, questdb)
         assert_exactly_once(seqs, rt.supervisor.log.last_seq)
     assert not [r for r in caplog.records if "refilling" in r.getMessage()]
@@ -350,7 +336,7 @@ async def test_every_event_reaches_questdb_exactly_once_and_matches_the_log(
     children = [flapper("nul_bot", 0.05, message="bad\x00byte", times=1),
                 flapper("bot", 0.05, times=3)]
     async with questdb_runtime(state_dir, questdb.dsn, children) as rt:
-        await poll(lambda: len(rt.supervisor.status()) >= 6, limit_s=10)
+        await eventually(lambda: len(rt.supervisor.status()) >= 6, within_s=10)
         seqs = await persisted_up_to_log(rt, questdb)
         last = rt.supervisor.log.last_seq
         assert_exactly_once(seqs, last)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e_helpers import (
+from tests.support.e2e import (
     TOKEN,
     Rpc,
     RuntimeProcess,
@@ -27,7 +27,7 @@ from tests.e2e_helpers import (
     status_of,
     wait_all_connected,
 )
-from tests.questdb_server import QuestdbServer
+from tests.support.questdb_server import QuestdbServer
 
 pytestmark = [pytest.mark.realserver, pytest.mark.slow]
 

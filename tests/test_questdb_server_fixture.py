@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import questdb_server
+from tests.support import questdb_server
 
 
 def point_at(monkeypatch: pytest.MonkeyPatch, home: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 
 from supervision.supervisor import ChildSpec
-from tests.helpers import FlakyActor, FlakyResource, Recorder, running_supervisor
+from tests.support.actors import FlakyActor, FlakyResource, Recorder, running_supervisor
 
 
 async def test_never_returning_resource_schedule(tmp_path, autojump_clock):

@@ -17,8 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.db_attack_helpers import postmaster, psql, server_setting
-from tests.e2e_helpers import TOKEN, Rpc, RuntimeProcess, status_of, wait_all_connected
+from tests.support.db_attack import postmaster, psql, server_setting
+from tests.support.e2e import TOKEN, Rpc, RuntimeProcess, status_of, wait_all_connected
 
 pytestmark = pytest.mark.realserver
 
@@ -31,19 +31,13 @@ SQL_OPS = ("fetch", "fetchrow", "fetchval", "execute", "executemany")
 
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RuntimeProcess]:
-    rt = RuntimeProcess(tmp_path_factory.mktemp("security-db"), sections={
+    with RuntimeProcess(tmp_path_factory.mktemp("security-db"), sections={
         "control": {"requests_per_second": 500.0, "max_message_bytes": 1024 * 1024},
         "questdb": {"query_statement_timeout_s": STATEMENT_TIMEOUT_S},
         "cache": {"max_entries": CACHE_MAX_ENTRIES, "max_bytes": CACHE_MAX_BYTES,
                   "max_entry_bytes": CACHE_MAX_ENTRY_BYTES},
-    })
-    rt.start()
-    try:
-        rt.wait_ready()
+    }).serving() as rt:
         yield rt
-    finally:
-        code = rt.close()
-    assert code == 0, rt.output()
 
 
 @pytest.fixture

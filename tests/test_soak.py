@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gc
 
-from tests.soak import open_fds, soak, task_count, thread_count
+from tests.support.soak import open_fds, soak, task_count, thread_count
 
 
 async def test_soak_10000_cycles_leaks_nothing_and_seq_stays_contiguous(

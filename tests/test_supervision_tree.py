@@ -17,7 +17,7 @@ from supervision.eventlog import iter_file
 from supervision.events import Event
 from supervision.settings import ActorSettings
 from supervision.supervisor import ChildSpec, Strategy, SupervisorSpec
-from tests.helpers import FlakyActor, FlakyResource, ResourceDown
+from tests.support.actors import FlakyActor, FlakyResource, ResourceDown
 from tests.test_supervisor import rel, timed_call, tree
 
 

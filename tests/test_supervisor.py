@@ -23,7 +23,7 @@ from supervision.events import Event
 from supervision.ref import cache_key
 from supervision.settings import ActorSettings
 from supervision.supervisor import ChildSpec, Supervisor
-from tests.helpers import FlakyActor, FlakyResource, ResourceDown
+from tests.support.actors import FlakyActor, FlakyResource, ResourceDown
 
 WALL0 = 1_800_000_000.0
 

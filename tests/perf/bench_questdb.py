@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
         "/dev/shm").is_dir() else None))
     server: Any
     if args.questdb:
-        from tests.questdb_server import QuestdbServer, missing_reason
+        from tests.support.questdb_server import QuestdbServer, missing_reason
 
         if missing_reason():
             raise SystemExit(f"QuestDB cannot run here: {missing_reason()}")

@@ -4,7 +4,7 @@
                                   [--restarts 100] [--subscribers 8] [--modes event,batch]
                                   [--set SECTION.KEY=VALUE]
 
-The runtime is ``mt5-supervisor run`` in a **subprocess** (``tests/e2e_helpers.py``:
+The runtime is ``mt5-supervisor run`` in a **subprocess** (``tests/support/e2e.py``:
 simulator, embedded PostgreSQL with event persistence, free ports; here also
 ``requests_per_second = 0`` so the event generator is not rate-limited, and
 ``health_interval_s = 30``). This process runs one asyncio loop with the subscriber
@@ -61,7 +61,7 @@ from typing import Any
 import psutil
 from websockets.asyncio.client import ClientConnection, connect
 
-from tests.e2e_helpers import TOKEN, RuntimeProcess
+from tests.support.e2e import TOKEN, RuntimeProcess
 
 SUBSCRIBERS = 8
 GENERATORS = 4

@@ -2,7 +2,7 @@
 
     python -m tests.perf.soak_rss [--cycles 10000] [--seed 10] [--tail-size 100]
 
-Runs the virtual-time soak of tests/soak.py (random faults, operator restarts and nudges
+Runs the virtual-time soak of tests/support/soak.py (random faults, operator restarts and nudges
 across a nested tree; a fresh actor instance on every connect attempt) under trio's
 ``MockClock`` with autojump, and reads the process's resident set size (``VmRSS``) after
 cycle 100 and after the last cycle, each after a full garbage collection. The goal: the
@@ -24,7 +24,7 @@ from pathlib import Path
 import trio
 import trio.testing
 
-from tests.soak import soak
+from tests.support.soak import soak
 
 
 def rss_kib() -> int:

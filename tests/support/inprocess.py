@@ -7,7 +7,7 @@ import contextlib
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,7 +18,8 @@ from supervision.messages import Notice
 from supervision.shell.config import RuntimeConfig
 from supervision.shell.runtime import Runtime, open_runtime
 from supervision.supervisor import ChildSpec
-from tests.ws_close import close_code
+from tests.support.waiting import eventually
+from tests.support.ws_close import close_code
 
 TOKEN = "test-token-6f1c"
 T = TypeVar("T")
@@ -58,10 +59,6 @@ def health_base(rt: Runtime) -> str:
     return f"http://{host}:{port}"
 
 
-async def in_thread(fn: Callable[[], T]) -> T:
-    return await trio.to_thread.run_sync(fn)
-
-
 async def emit_events(rt: Runtime, count: int, *, actor: str = "test", pad: int = 0) -> None:
     """Publish ``count`` synthetic events (an actor name the supervisor does not own)."""
     for i in range(count):
@@ -69,13 +66,6 @@ async def emit_events(rt: Runtime, count: int, *, actor: str = "test", pad: int 
         if pad:
             data["pad"] = "x" * pad
         await rt.supervisor.emit(Notice(actor, "probe_failed", trio.current_time(), data=data))
-
-
-async def eventually(predicate: Callable[[], bool], within_s: float = 5.0) -> None:
-    """Poll state that offers no ``trio.Event`` to wait on (views, counters)."""
-    with trio.fail_after(within_s):
-        while not predicate():  # noqa: ASYNC110 - nothing to wait on but the state itself
-            await trio.sleep(0.005)
 
 
 async def wait_head(rt: Runtime, seq: int) -> None:

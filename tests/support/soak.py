@@ -17,7 +17,7 @@ from supervision.actor import Actor
 from supervision.eventlog import iter_file
 from supervision.settings import ActorSettings
 from supervision.supervisor import ChildSpec, Strategy, SupervisorSpec
-from tests.helpers import FlakyActor, FlakyResource, running_supervisor
+from tests.support.actors import FlakyActor, FlakyResource, running_supervisor
 
 NAMES = ("cache", "feed", "algo", "x", "y", "mt5")
 ACTIONS = ("down", "up", "up", "restart", "nudge", "call", "call")

@@ -36,7 +36,7 @@ from typing import Any
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]  # tests/support/ -> the repository
 # ../shared/questdb beside the repository (CI's layout); MT5SUP_QUESTDB_HOME overrides it.
 QUESTDB_HOME = Path(os.environ.get("MT5SUP_QUESTDB_HOME")
                     or REPO_ROOT.parent / "shared" / "questdb")

@@ -1,6 +1,6 @@
 """pytest fixtures for a real PostgreSQL server (the stand-in for QuestDB's PG wire).
 
-Loaded as a plugin from ``tests/conftest.py`` (``pytest_plugins = ["tests.pg_fixtures"]``).
+Loaded as a plugin from ``tests/conftest.py`` (``pytest_plugins = ["tests.support.pg_fixtures"]``).
 
 * ``pg_template`` (session): one ``initdb``'d, shut-down data directory, made once per
   session (about a second).

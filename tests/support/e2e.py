@@ -9,6 +9,7 @@ Hypercorn), so the tests check the wire protocol, not a shared implementation.
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import json
 import os
@@ -22,7 +23,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -30,13 +31,13 @@ from typing import Any
 import psutil
 from websockets.sync.client import ClientConnection, connect
 
-from tests.ws_close import close_code
+from tests.support.ws_close import close_code
 
 TOKEN = "e2e-token-b4f2c9"
 # A non-default variable name: checks that control.token_env is honoured.
 TOKEN_ENV = "MT5SUP_E2E_TOKEN"
 READY_TIMEOUT_S = 60.0  # first start: initdb of the embedded PostgreSQL (about a second)
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]  # tests/support/ -> the repository
 
 
 def free_port() -> int:
@@ -174,6 +175,18 @@ class RuntimeProcess:
                 preexec_fn=(_die_with_parent if threading.current_thread()
                             is threading.main_thread() else None))
         return self
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[RuntimeProcess]:
+        """Started and ready for the block; stopped after it, and it must have exited 0 (a
+        runtime that cannot stop cleanly fails the test that used it)."""
+        self.start()
+        try:
+            self.wait_ready()
+            yield self
+        finally:
+            code = self.close()
+        assert code == 0, self.output()
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> dict[str, Any]:
         """Poll ``/health`` until every actor is up (status ``pass``); return the document."""

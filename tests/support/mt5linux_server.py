@@ -1,6 +1,6 @@
 """An mt5linux bridge server with our simulator in place of the Windows ``MetaTrader5``.
 
-    python -m tests.mt5linux_server --port PORT
+    python -m tests.support.mt5linux_server --port PORT
 
 What ``python -m mt5linux`` runs under Wine is rpyc's classic server, in whose process the
 client's code strings (``mt5.symbol_info_tick(*('EURUSD',),**{})``) are evaluated after

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -112,17 +112,3 @@ class Recorder:
                     if predicate(e):
                         return e
                 await trio.sleep(0.001)
-
-
-async def in_thread(fn: Callable[[], Any]) -> Any:
-    """Blocking work (server control, a sync client) off the trio thread."""
-    return await trio.to_thread.run_sync(fn)
-
-
-async def poll(done: Callable[[], bool], *, limit_s: float) -> None:
-    """Until ``done()`` (state observed from outside, as a test must), at most ``limit_s``."""
-    with trio.fail_after(limit_s):
-        while True:
-            if done():
-                return
-            await trio.sleep(0.02)

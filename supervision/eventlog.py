@@ -217,6 +217,29 @@ class EventLog:
         """The last durable seq (what has been, or may be, published)."""
         return self._last_seq
 
+    def raise_floor(self, seq: int, why: str) -> bool:
+        """Number above ``seq`` from now on; True when that moved the floor.
+
+        For what the log alone cannot know: the database already holds events up to
+        ``seq`` (the log and its mark were both lost while the database kept its rows).
+        Numbering on below it would reuse those seqs, and persistence would skip the new
+        events as already stored. The caller numbers events and must move with it
+        (``Supervisor.raise_seq_floor``)."""
+        if seq <= self._accepted_seq:
+            return False
+        self._incident(f"seq continues at {seq + 1}: {why}")
+        self._notices.append((KIND_REPLACED, {"what": "behind_database",
+                                              "continues_at": seq + 1}))
+        self._accepted_seq = seq
+        if not self._pending:
+            self._last_seq = seq
+            if self._ident is not None and self._error is None:
+                try:  # so that a restart before the next event still starts above it
+                    self._write_mark(seq + self.reserve)
+                except OSError as exc:
+                    self._fail(exc, -math.inf)
+        return True
+
     # -- writing -----------------------------------------------------------------------------
     def room(self) -> int:
         """How many more events ``append`` accepts now (the memory buffer's free space)."""

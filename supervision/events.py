@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 from datetime import datetime
 from typing import Any
 
 import attrs
 
 from supervision.clock import iso, parse_iso
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class EventKind(enum.StrEnum):
@@ -73,6 +76,10 @@ class Event:
         text = self._line
         if text is None:
             text = json.dumps(self.to_json(), separators=(",", ":"), ensure_ascii=False)
+            if not text.isascii() and _LONE_SURROGATE.search(text):
+                # Not UTF-8 (a file name decoded with surrogateescape in an error message):
+                # escaped, the line can still be written, sent and stored.
+                text = json.dumps(self.to_json(), separators=(",", ":"), ensure_ascii=True)
             object.__setattr__(self, "_line", text)
         return text
 

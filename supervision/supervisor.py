@@ -403,6 +403,13 @@ class Supervisor:
                 if child is not None:
                     child.node.child_failed(child)
 
+    def raise_seq_floor(self, seq: int, why: str) -> None:
+        """Number events above ``seq`` from now on (``EventLog.raise_floor``): something
+        outside the log, the events table, already holds seqs up to it. ``seq`` never
+        goes back below what was persisted; the jump is logged as ``eventlog_replaced``."""
+        if self.log.raise_floor(seq, why):
+            self._next_seq = seq + 1
+
     def _log_batch(self, batch: list[Message], now: float) -> list[Event]:
         """Number, view, append; returns what became durable. Past the log's memory bound
         a message updates the view but is not numbered (counted as dropped): seq never has

@@ -722,26 +722,34 @@ async def test_wrong_tokens_are_throttled_per_address_across_connections(
         tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(control_server, "AUTH_FAILURE_BURST", 3)
     monkeypatch.setattr(control_server, "AUTH_FAILURES_PER_S", 0.01)  # no refill in a test
-    async with running(tmp_path) as rt:
+    async with running(tmp_path, control={"auth_tarpit_s": 0.3}) as rt:
         def client() -> None:
             first, second = Client(control_url(rt)), Client(control_url(rt))
             assert first.error("auth", {"token": "a"})["code"] == -32001
             assert second.error("auth", {"token": "b"})["code"] == -32001
             assert first.error("auth", {"token": "c"})["code"] == -32001
-            # Budget spent: even the right token is not checked now, on any connection.
-            err = second.error("auth", {"token": TOKEN})
+            # Budget spent, on every connection from this address: a wrong token is answered
+            # only after the tarpit...
+            started = time.monotonic()
+            err = second.error("auth", {"token": "d"})
             assert err["code"] == -32002 and err["data"]["retry_after"] > 0
+            assert time.monotonic() - started >= 0.3
             assert second.error("actor.restart", {"actor": "cache"})["code"] == -32001
             with pytest.raises(InvalidStatus) as info:
-                Client(control_url(rt), token=TOKEN)
+                Client(control_url(rt), token="e")
             assert info.value.response.status_code == 429
             assert int(info.value.response.headers["Retry-After"]) >= 1
-            first.close()
-            second.close()
+            # ...but the right one still gets in at once: guessers on the same machine
+            # never lock the operator out.
+            assert first.result("auth", {"token": TOKEN}) == {"ok": True}
+            operator = Client(control_url(rt), token=TOKEN)
+            assert operator.result("actor.restart", {"actor": "cache"}) == {"ok": True}
+            for c in (first, second, operator):
+                c.close()
 
         await in_thread(client)
         metrics = metrics_for(rt)
-        assert (metrics.control_auth_failures, metrics.control_auth_throttled) == (3, 2)
+        assert (metrics.control_auth_failures, metrics.control_auth_throttled) == (5, 2)
 
 
 async def test_silent_and_idle_connections_are_closed_but_subscribers_are_not(

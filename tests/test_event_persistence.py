@@ -208,6 +208,45 @@ async def test_events_wait_in_the_log_while_the_database_is_down(
         assert len(rows) == last
 
 
+async def test_a_lost_log_and_mark_never_number_below_what_the_table_holds(
+        tmp_path: Path, pg_dsn: str) -> None:
+    # The log and its high-water mark both gone while the database kept its rows: numbering
+    # on from 1 would reuse stored seqs, and every new event up to the table's max(seq)
+    # would be skipped as already persisted. The store moves the numbering above it.
+    state_dir = tmp_path / "var"
+    async with persisting_runtime(state_dir, pg_dsn) as rt:
+        await rt.inject("terminal_crash")
+        await trio.sleep(0.3)
+        await rt.inject("clear")
+        await eventually(lambda: rt.state("mt5") == "CONNECTED", within_s=10)
+        first_run = await caught_up(rt)
+    (state_dir / "events.jsonl").unlink()
+    (state_dir / "events.jsonl.hwm").unlink()
+    async with persisting_runtime(state_dir, pg_dsn) as rt:
+        await eventually(lambda: rt.supervisor.log.last_seq > first_run, within_s=10)
+        await rt.inject("terminal_crash")
+        await trio.sleep(0.3)
+        await rt.inject("clear")
+        await eventually(lambda: rt.state("mt5") == "CONNECTED", within_s=10)
+        last = await caught_up(rt)
+        rows = await table(rt)
+        seqs = [r["seq"] for r in rows]
+        assert len(seqs) == len(set(seqs))  # nothing doubled
+        lines = log_lines(state_dir)
+        # Every event of the second run is in the table, each above the first run's.
+        after = [seq for seq in lines if seq > first_run]
+        assert after and max(after) == last
+        assert set(after) <= set(seqs)
+        # The events logged before the floor moved reused low seqs: those and only those
+        # are not in the table (they were numbered before the table could be read).
+        reused = sorted(seq for seq in lines if seq <= first_run)
+        jump = [json.loads(lines[s]) for s in after
+                if json.loads(lines[s])["kind"] == "eventlog_replaced"]
+        assert jump and jump[0]["data"]["what"] == "behind_database"
+        assert jump[0]["data"]["continues_at"] == first_run + 1
+        assert len(reused) < 40, reused
+
+
 async def test_replays_are_idempotent(tmp_path: Path, pg_dsn: str) -> None:
     state_dir = tmp_path / "var"
     async with persisting_runtime(state_dir, pg_dsn) as rt:
@@ -383,6 +422,7 @@ def test_kill_9_while_persisting_loses_nothing_and_doubles_nothing(
 
         # Once more, as the operator would (``mt5-supervisor run``, no bots): it catches up
         # from the table's max(seq) over the log the killed runs left, and goes quiet.
+        killed_runs_last = last_logged_seq(state_dir)
         proc = spawn(["-m", "supervision.shell.cli", "run", "--config", str(config)], 99)
         try:
             deadline = time.monotonic() + 30
@@ -390,7 +430,10 @@ def test_kill_9_while_persisting_loses_nothing_and_doubles_nothing(
                 assert proc.poll() is None, stderr_of(99)
                 assert time.monotonic() < deadline, (last_logged_seq(state_dir), db.count())
                 last = last_logged_seq(state_dir)
-                if last and db.value("SELECT max(seq) FROM supervision_events") == last:
+                # This run has started (logged its own events: its signal handlers are in
+                # place) and the table has caught up with the log.
+                if last > killed_runs_last and db.value(
+                        "SELECT max(seq) FROM supervision_events") == last:
                     time.sleep(0.3)
                     if last_logged_seq(state_dir) == last:
                         break

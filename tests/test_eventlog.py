@@ -311,3 +311,17 @@ def test_sigkill_mid_append_loses_nothing_complete(tmp_path):
         assert path.stat().st_size == verified[0]
     assert check_log(path) == verified  # the whole file, once more from the start
     print(f"{torn} of {ROUNDS} kills left a torn line")
+
+
+def test_an_event_with_text_that_is_not_utf8_is_logged_escaped(tmp_path: Path) -> None:
+    # An OSError about a file whose name is not UTF-8 carries a lone surrogate
+    # (surrogateescape); such a message must not stop the log (UnicodeEncodeError).
+    path = tmp_path / "events.jsonl"
+    log = fill(path, 1)
+    message = "open failed: " + os.fsdecode(b"bad-\xff-name")
+    event = Event(2, T0, "bot", "probe_failed", error={"code": "INTERNAL", "message": message})
+    assert seqs(log.append([event], 1.0)) == [2]
+    log.close()
+    line = path.read_bytes().splitlines()[-1]
+    assert b"\\udcff" in line
+    assert json.loads(line)["error"]["message"] == message

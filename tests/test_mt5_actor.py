@@ -700,6 +700,33 @@ async def test_a_lost_reply_whose_order_did_not_fill_lets_the_next_order_through
         assert t.notices(t0) == ["+2 order_reconciled EURUSD not_filled"]
 
 
+async def test_a_bots_constant_comment_never_makes_an_old_deal_look_like_this_orders_fill(
+        tmp_path, autojump_clock):
+    # Bots often put one comment on every order. Reconciling by that comment would take the
+    # first order's deal for the second order's fill, and the second order would never be
+    # sent: the tag the actor adds is what identifies an order, the bot's comment rides after.
+    sim = new_sim()
+    grid = {**ORDER, "comment": "grid bot"}
+    async with mt5_tree(tmp_path, sim) as t:
+        await trio.sleep(1)
+        first = await t.ref.order_send(grid)
+        assert first.ok and sim.orders_sent_count == 1
+        tagged = sim.deals[0].comment
+        assert tagged.startswith("mt5sup-") and tagged.endswith(" grid bot")
+        assert len(tagged) <= 29
+        t0 = now()
+        # The second one is rejected and the rejection lost: nothing of it executed.
+        sim.inject("market_retcode", retcode=mt5.TRADE_RETCODE_REJECT)
+        sim.inject("lost_reply")
+        assert (await t.ref.order_send(grid)).error.code is E.ORDER_STATE_UNKNOWN
+        await trio.sleep_until(t0 + 2)
+        again = await t.ref.order_send(grid)
+        assert again.ok and again.data.comment == "Request executed"  # sent, not "reconciled"
+        assert sim.orders_sent_count == 2 and len(sim.deals) == 2
+        await settle()
+        assert t.notices(t0) == ["+2 order_reconciled EURUSD not_filled"]
+
+
 async def test_an_order_that_cannot_be_reconciled_stays_unresolved_and_is_not_sent(
         tmp_path, autojump_clock):
     sim = new_sim()
@@ -894,3 +921,19 @@ async def test_a_call_right_after_a_failure_waits_for_the_reconnect(tmp_path, au
         assert (await t.ref.symbol_info_tick("EURUSD", timeout_s=2)).error.code is E.TIMEOUT
         r = await t.ref.symbol_info_tick("EURUSD", timeout_s=5)  # at once, same instant
         assert r.ok and now() == t0 + 3  # answered when attempt 1 reconnects
+
+
+async def test_initialize_on_an_attached_terminal_answers_true_and_restarts_nothing(
+        tmp_path, autojump_clock):
+    # Bots written against the package call initialize() at start and after failures; it
+    # must not tear down a healthy connection (nor give a flapping terminal a fresh budget).
+    sim = new_sim()
+    async with mt5_tree(tmp_path, sim) as t:
+        await trio.sleep(1)
+        attached = t.backend.calls["initialize"]
+        t0 = now()
+        r = await t.ref.initialize()
+        assert r.ok and r.data is True
+        assert t.backend.calls["initialize"] == attached
+        await settle()
+        assert t.timeline(t0) == []

@@ -128,6 +128,28 @@ def test_bad_terminal_sections_are_refused_naming_the_key_and_the_file(table, wo
         assert word in str(refused.value)
 
 
+@pytest.mark.parametrize(("mt5", "words"), [
+    ({"backend": "metatrader5", "path": "C:/MT5/terminal64.exe"},
+     ["[mt5.terminals.acct2] and [mt5]", "C:/MT5/terminal64.exe", "x.toml"]),
+    ({"backend": "mt5linux", "host": "10.0.0.5", "port": 18812},
+     ["[mt5.terminals.acct2] and [mt5]", "10.0.0.5:18812"]),
+])
+def test_two_accounts_on_one_real_terminal_are_refused(mt5, words):
+    # A section that sets only its login inherits [mt5]'s terminal: the second initialize()
+    # would switch the shared terminal's account under the first actor.
+    with pytest.raises(ConfigError) as refused:
+        RuntimeConfig.from_mapping({"mt5": {**mt5, "login": 1, "terminals": {
+            "acct2": {"login": 2}}}}, source="x.toml", env={})
+    for word in words:
+        assert word in str(refused.value)
+    # Their own terminals: accepted.
+    own = ({"path": "C:/MT5-2/terminal64.exe"} if mt5["backend"] == "metatrader5"
+           else {"port": 18813})
+    config = RuntimeConfig.from_mapping({"mt5": {**mt5, "login": 1, "terminals": {
+        "acct2": {"login": 2, **own}}}}, source="x.toml", env={})
+    assert config.terminals["acct2"]["login"] == 2
+
+
 def test_a_toml_file_with_terminal_sections_loads(tmp_path):
     path = tmp_path / "runtime.toml"
     path.write_text('[mt5]\nworker = "process"\n\n[mt5.terminals.acct2]\nbackend = '

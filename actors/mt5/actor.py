@@ -79,6 +79,21 @@ def order_tag(base: int, n: int) -> str:
     return f"{TAG_PREFIX}{base % 100_000}-{n % 10**15}"
 
 
+def tagged_comment(tag: str, comment: object) -> str:
+    """The order's comment: our tag, then as much of the bot's own comment as still fits
+    in the package's 29 characters (a longer comment makes the real order_send fail)."""
+    room = TAG_MAX_CHARS - len(tag) - 1
+    if isinstance(comment, str) and comment and room > 0:
+        return f"{tag} {comment[:room]}"
+    return tag
+
+
+def carries_tag(comment: str, tag: str) -> bool:
+    """Is this deal's or position's comment that order's? The tag exactly, as a whole word:
+    ``mt5sup-1-1`` must not match ``mt5sup-1-12``."""
+    return comment == tag or comment.startswith(tag + " ")
+
+
 __all__ = ["SIGNATURES", "Mt5Actor", "Mt5Ref", "Mt5Terminal", "TerminalLedger",
            "make_mt5_actor"]  # Mt5Ref and SIGNATURES live in actors.mt5.api
 
@@ -286,8 +301,10 @@ class Mt5Actor(Actor):
             if filled is not None and _same_order(pending.request, request):
                 return filled  # the earlier, lost reply was a fill: never send it twice
         ledger = self.ledger
-        tag = request.get("comment") or order_tag(ledger.tag_base, next(ledger.tags))
-        request = {**request, "comment": tag}
+        # Always our own tag, unique per order: a bot's comment is often the same on every
+        # order, and reconciling by it could take an old deal for this order's fill.
+        tag = order_tag(ledger.tag_base, next(ledger.tags))
+        request = {**request, "comment": tagged_comment(tag, request.get("comment"))}
         sent_at = _server_now(self._host or self.backend)
         # Until a definite answer arrives, the outcome is unknown (a deadline may cancel us).
         self.unresolved[symbol] = Unresolved(request, tag, sent_at)
@@ -322,13 +339,12 @@ class Mt5Actor(Actor):
         deals, (code, message) = await self._call("history_deals_get", start, end)
         if deals is None:
             raise self._unreconciled(symbol, code, message)
-        matches = [d for d in deals if d.symbol == symbol
-                   and d.comment.startswith(pending.tag[:TAG_MAX_CHARS])]
+        matches = [d for d in deals if d.symbol == symbol and carries_tag(d.comment, pending.tag)]
         if not matches:
             positions, (code, message) = await self._call("positions_get", symbol=symbol)
             if positions is None:
                 raise self._unreconciled(symbol, code, message)
-            matches = [p for p in positions if p.comment.startswith(pending.tag[:TAG_MAX_CHARS])]
+            matches = [p for p in positions if carries_tag(p.comment, pending.tag)]
         del self.unresolved[symbol]
         self.ledger.reconciled += 1
         outcome_word = "filled" if matches else "not_filled"

@@ -68,11 +68,17 @@ class Mt5Ref(ActorRef):
                                timeout_s=timeout_s)
 
     # ------------------------------------------------------------------ connection
-    async def initialize(self) -> Response:
-        """Re-initialize the terminal: an operator restart of the actor (the runtime owns
-        the connection; path, login and server come from the configuration)."""
-        await self._child.cell.restart("initialize")
-        return Response.success(True)
+    async def initialize(self, *, timeout_s: float | None = None) -> Response:
+        """``initialize()``: ``True`` once the terminal is attached.
+
+        The runtime owns the connection (path, login and server come from the configuration)
+        and re-attaches it by itself, so this does not restart anything: like the package's
+        ``initialize()`` on a terminal already initialized, it answers True when connected,
+        waits (up to the deadline) while the actor reconnects, and answers the actor's error
+        (``ACTOR_UNAVAILABLE`` in ERROR) otherwise. ``rt.restart("mt5")`` is the lever that
+        starts over."""
+        answer = await self._op("terminal_info", {}, timeout_s)
+        return Response.success(True) if answer.ok else answer
 
     async def version(self, *, timeout_s: float | None = None) -> Response:
         """``version()``: ``(terminal version, build, build date)``."""

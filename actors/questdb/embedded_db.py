@@ -63,6 +63,10 @@ DATABASE = "mt5sup"
 OWNER_ROLE = "mt5sup_owner"
 RUNTIME_ROLE = "mt5sup_runtime"
 QUERY_ROLE = "mt5sup_query"
+# Where control-channel SQL may create things: its own schema, first on its search_path and
+# on no other role's, so nothing it defines (a function overloading a built-in: the
+# CVE-2018-1058 pattern) can change what the runtime's or the bot's own SQL resolves to.
+QUERY_SCHEMA = "mt5sup_scratch"
 SECRETS_FILE = "db-secrets.json"
 _LOGIN_ROLES = (RUNTIME_ROLE, QUERY_ROLE)
 _WATCH_INTERVAL_S = 0.2  # how often serve() checks that the postmaster still runs
@@ -141,6 +145,7 @@ def provisioning_sql(verifiers: Mapping[str, str], statement_timeout_ms: int) ->
         f"ALTER ROLE {QUERY_ROLE} SET statement_timeout = {int(statement_timeout_ms)};",
         f"ALTER ROLE {QUERY_ROLE} SET idle_in_transaction_session_timeout = 10000;",
         f"ALTER ROLE {QUERY_ROLE} CONNECTION LIMIT 8;",
+        f"ALTER ROLE {QUERY_ROLE} SET search_path = {QUERY_SCHEMA}, public;",
         f"SELECT 'CREATE DATABASE {DATABASE} OWNER {OWNER_ROLE}' WHERE NOT EXISTS "
         f"(SELECT FROM pg_database WHERE datname = {_literal(DATABASE)}) \\gexec",
         f"REVOKE ALL ON DATABASE {DATABASE} FROM PUBLIC;",
@@ -149,7 +154,10 @@ def provisioning_sql(verifiers: Mapping[str, str], statement_timeout_ms: int) ->
     table = f"public.{POSTGRESQL.table}"
     database = [
         "REVOKE ALL ON SCHEMA public FROM PUBLIC;",
-        f"GRANT USAGE, CREATE ON SCHEMA public TO {RUNTIME_ROLE}, {QUERY_ROLE};",
+        f"GRANT USAGE, CREATE ON SCHEMA public TO {RUNTIME_ROLE};",
+        f"REVOKE CREATE ON SCHEMA public FROM {QUERY_ROLE};",  # granted by earlier versions
+        f"GRANT USAGE ON SCHEMA public TO {QUERY_ROLE};",
+        f"CREATE SCHEMA IF NOT EXISTS {QUERY_SCHEMA} AUTHORIZATION {QUERY_ROLE};",
         f"GRANT USAGE, CREATE ON SCHEMA public TO {OWNER_ROLE};",
         f"SET ROLE {OWNER_ROLE};",
         POSTGRESQL.create_events_table.replace(POSTGRESQL.table, table, 1) + ";",

@@ -33,6 +33,7 @@ Never silently (issue 8): every failure is logged with its operation and message
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -94,7 +95,8 @@ class EventStoreActor(Actor):
                  batch_size: int = 500, linger_s: float = 0.05,
                  retry_s: float = 1.0, max_retry_s: float = 15.0,
                  check_interval_s: float | None = None, lag_warn_events: int = 10_000,
-                 stall_checks: int = 3) -> None:
+                 stall_checks: int = 3,
+                 raise_seq_floor: Callable[[int, str], None] | None = None) -> None:
         self.name = "events_store"
         self._bus = bus
         self._log = event_log
@@ -106,6 +108,8 @@ class EventStoreActor(Actor):
         self.check_interval_s = CHECK_INTERVAL_S if check_interval_s is None else check_interval_s
         self.lag_warn_events = lag_warn_events
         self.stall_checks = stall_checks
+        # Moves the runtime's numbering above what the table holds (a lost log and mark).
+        self._raise_seq_floor = raise_seq_floor
         self.persisted_seq = 0
         self.batches = 0
         self.failures = 0
@@ -235,6 +239,14 @@ class EventStoreActor(Actor):
             self.failing = True
             return False
         last = int(table.get("max_seq") or 0)
+        head = self._log.last_seq
+        if last > head and self._raise_seq_floor is not None:
+            # Only durable events are published, so the table can be ahead of the log only
+            # when the log (and its mark) were lost: number above the table, never reuse.
+            why = (f"the events table already holds seq {last}, above this log's {head} "
+                   "(the log and its high-water mark were lost)")
+            log.error("event log: %s; numbering continues at %d", why, last + 1)
+            self._raise_seq_floor(last, why)
         self.persisted_seq = max(self.persisted_seq, last)
         buffer = max(10 * self.batch_size, 10_000)
         async with self._bus.subscribe(since_seq=last, buffer=buffer) as sub:

@@ -122,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     call = commands.add_parser(
         "call", help="call an actor operation and print the Response",
         description="Call one operation of one actor (JSON-RPC actor.call) and print the\n"
-                    "Response: status ok / degraded (with cached_at) / error. Reads are open\n"
-                    "on loopback; writes (order_send, execute, ...) need the token.",
+                    "Response: status ok / degraded (with cached_at) / error. Market data,\n"
+                    "account reads and cache get are open on loopback; writes (order_send,\n"
+                    "...) and all SQL (questdb fetch too) need the token (MT5SUP_TOKEN).",
         epilog="examples:\n  mt5-supervisor call mt5 symbol_info_tick '{\"symbol\": \"EURUSD\"}'\n"
                "  mt5-supervisor call questdb fetch '{\"sql\": \"SELECT 1 AS one\"}'\n"
                "  mt5-supervisor call cache stats",

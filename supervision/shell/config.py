@@ -71,6 +71,8 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "reserved_connections": ("int", 16),  # more, only with a valid bearer header
         "handshake_timeout_s": ("float", 10.0),  # upgrade, and the first message without token
         "idle_timeout_s": ("float", 300.0),  # no request, none running, no subscription
+        # A wrong token from a source past its budget is answered after this long.
+        "auth_tarpit_s": ("float", 4.0),
         "requests_per_second": ("float", 200.0),
         "open_reads": ("bool", True),
     },
@@ -220,6 +222,28 @@ def _terminal_values(name: Any, table: Any, mt5: Mapping[str, Any],
     return values
 
 
+def _refuse_shared_terminals(mt5: Mapping[str, Any],
+                             terminals: Mapping[str, Mapping[str, Any]], source: str) -> None:
+    """Two actors on one real terminal would switch each other's account (``initialize``
+    with another login re-logs the shared terminal): each needs its own ``path`` (the
+    MetaTrader5 package) or its own ``host:port`` (the mt5linux bridge). A terminal
+    section inherits [mt5]'s, so a section that sets only ``login`` is refused here."""
+    seen: dict[tuple[Any, ...], str] = {}
+    sections = {"mt5": mt5, **{f"mt5.terminals.{n}": t for n, t in terminals.items()}}
+    for section, keys in sections.items():
+        if not keys["enabled"] or keys["backend"] == "simulator":
+            continue
+        where = ((keys["backend"], keys["path"]) if keys["backend"] == "metatrader5"
+                 else (keys["backend"], keys["host"], keys["port"]))
+        if where in seen:
+            what = (f"path {keys['path']!r}" if keys["backend"] == "metatrader5"
+                    else f"{keys['host']}:{keys['port']}")
+            raise ConfigError(
+                f"{source}: [{section}] and [{seen[where]}] would share one terminal ({what}): "
+                "give each terminal its own path (metatrader5) or host and port (mt5linux)")
+        seen[where] = section
+
+
 def _env_value(text: str) -> Any:
     try:
         return tomllib.loads(f"v = {text}")["v"]
@@ -298,6 +322,7 @@ class RuntimeConfig:
                     values[section][key] = values["supervisor"][key]
         terminals = {name: _terminal_values(name, table, values["mt5"], source)
                      for name, table in terminal_tables.items()}
+        _refuse_shared_terminals(values["mt5"], terminals, source)
         return cls(values=values, source=source, env=env, terminals=terminals)
 
     def with_overrides(self, **sections: Mapping[str, Any]) -> RuntimeConfig:

@@ -312,7 +312,8 @@ async def _start_event_store(rt: Runtime) -> None:
     await rt.supervisor.start_child(ChildSpec(
         "events_store",
         lambda: EventStoreActor(rt.supervisor.bus, rt.supervisor.log, rt.questdb,
-                                batch_size=q["persist_batch_size"]),
+                                batch_size=q["persist_batch_size"],
+                                raise_seq_floor=rt.supervisor.raise_seq_floor),
         settings=ActorSettings(health_interval_s=q["health_interval_s"],
                                shutdown_timeout_s=q["shutdown_timeout_s"]),
     ))

@@ -105,6 +105,11 @@ MAX_AUTH_FAILURES = 5  # failed `auth` calls before the connection is closed (10
 AUTH_FAILURE_BURST = 20
 AUTH_FAILURES_PER_S = 1.0
 AUTH_THROTTLE_SOURCES = 4096  # sources remembered; full buckets are forgotten first
+# Past the budget a wrong token is answered only after control.auth_tarpit_s (the tarpit),
+# with at most TARPIT_PER_SOURCE such answers pending per source: every token is still
+# compared, so the operator's right one gets in at once, while a guesser's rate is capped
+# near TARPIT_PER_SOURCE / auth_tarpit_s per source however many connections it opens.
+TARPIT_PER_SOURCE = 16
 
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
@@ -145,10 +150,11 @@ class TokenBucket:
 class AuthThrottle:
     """Failed-token budget per source address, shared by every connection from it.
 
-    ``retry_after`` is asked before a token is compared: when the source's bucket is empty
-    the check is refused without looking at the token, so guessing is capped at
-    ``AUTH_FAILURES_PER_S`` per source however many connections it opens. Only failures
-    spend the budget. Pure: the caller passes ``now``."""
+    A token is always compared (a right one is never refused: the operator shares the
+    loopback "source" with every local process). When the source's bucket is empty, a
+    wrong token's answer is held back (``ControlServer.tarpit``), which caps guessing
+    without locking anybody out. Only failures spend the budget. Pure: the caller passes
+    ``now``."""
 
     def __init__(self, burst: float | None = None, rate: float | None = None) -> None:
         self.burst = AUTH_FAILURE_BURST if burst is None else burst
@@ -305,6 +311,8 @@ class ControlServer:
         self.handshake_timeout_s: float = cfg["handshake_timeout_s"]
         self.idle_timeout_s: float = cfg["idle_timeout_s"]
         self.auth_throttle = AuthThrottle()
+        self._tarpits: dict[str, trio.Semaphore] = {}
+        self.tarpit_s: float = cfg["auth_tarpit_s"]
         self.requests_per_second: float = cfg["requests_per_second"]
         self.connections = 0
         self.metrics = metrics_for(rt)
@@ -330,7 +338,7 @@ class ControlServer:
         header = _bearer(request.headers)
         # Token check and slot reservation happen before any checkpoint: concurrent
         # handshakes cannot overshoot the limit.
-        refusal = self._check_header(header, source) if header is not None else None
+        refusal = await self._check_header(header, source) if header is not None else None
         authenticated = header is not None and refusal is None
         limit = self.max_connections + (self.reserved_connections if authenticated else 0)
         if refusal is None and self.connections >= limit:
@@ -354,8 +362,8 @@ class ControlServer:
             self.connections -= 1
             self.metrics.control_connections = self.connections
 
-    def _check_header(self, header: str, source: str
-                      ) -> tuple[int, list[tuple[bytes, bytes]], str] | None:
+    async def _check_header(self, header: str, source: str
+                            ) -> tuple[int, list[tuple[bytes, bytes]], str] | None:
         """None when the header carries the token, else (status, headers, body)."""
         challenge = [(b"WWW-Authenticate", b'Bearer realm="control"')]
         scheme, _, value = header.partition(" ")
@@ -365,26 +373,37 @@ class ControlServer:
         if self.token is None:
             return 401, challenge, (f"no token is configured on this server (environment "
                                     f"variable {self.token_env})")
-        retry = self.throttled(source)
+        if tokens_equal(self.token, value.strip()):
+            return None
+        retry = await self.wrong_token(source, limit_s=self.handshake_timeout_s)
         if retry is not None:
             seconds = str(max(1, math.ceil(retry))).encode()
             return 429, [(b"Retry-After", seconds)], (
-                f"too many wrong tokens from this address: retry in {retry:.1f} s")
-        if not tokens_equal(self.token, value.strip()):
-            self.token_failed(source)
-            return 401, challenge, "invalid bearer token"
-        return None
+                f"invalid bearer token; too many wrong tokens from this address: answers "
+                f"are slowed down (retry in {retry:.1f} s)")
+        return 401, challenge, "invalid bearer token"
 
-    def throttled(self, source: str) -> float | None:
-        """None when a token from ``source`` may be checked now, else seconds to wait."""
-        retry = self.auth_throttle.retry_after(source, trio.current_time())
-        if retry is not None:
-            self.metrics.control_auth_throttled += 1
-        return retry
-
-    def token_failed(self, source: str) -> None:
+    async def wrong_token(self, source: str, *, limit_s: float) -> float | None:
+        """A wrong token from ``source``: charge it, and when the source is past its budget
+        hold the answer back (``auth_tarpit_s``, at most ``TARPIT_PER_SOURCE`` pending per
+        source, never longer than ``limit_s``). Returns the source's retry-after when it
+        was over budget, else None."""
+        now = trio.current_time()
+        retry = self.auth_throttle.retry_after(source, now)
         self.metrics.control_auth_failures += 1
-        self.auth_throttle.failed(source, trio.current_time())
+        self.auth_throttle.failed(source, now)
+        if retry is None:
+            return None
+        self.metrics.control_auth_throttled += 1
+        pit = self._tarpits.get(source)
+        if pit is None:
+            pit = self._tarpits[source] = trio.Semaphore(TARPIT_PER_SOURCE)
+        with trio.move_on_after(limit_s):
+            async with pit:
+                await trio.sleep(self.tarpit_s)
+        if pit.value == TARPIT_PER_SOURCE and not pit.statistics().tasks_waiting:
+            self._tarpits.pop(source, None)  # idle: no memory kept per source
+        return retry
 
 
 class Connection:
@@ -581,12 +600,12 @@ class Connection:
                                          "control.open_reads is true")
 
     def _is_write_call(self, params: Mapping[str, Any]) -> bool:
-        """``actor.call`` is a read when the actor declares the operation a read
-        (``OpSpec.read``: symbol_info_tick, questdb fetch, cache get, ...); reads are open
-        on loopback (DESIGN section 6). Anything else (order_send, execute, cache put) needs
-        the token. The server does not parse a fetch's SQL: where an unauthenticated local
-        client must not run arbitrary statements, set control.open_reads = false. Unknown
-        actors and ops run nothing: they are answered with INVALID_REQUEST either way."""
+        """``actor.call`` is a read when the actor declares the operation a read with a fixed
+        shape (``OpSpec.read``: symbol_info_tick, account_info, cache get, ...); reads are
+        open on loopback (DESIGN section 6). Anything else needs the token: order_send,
+        cache put, and free-form SQL of every kind (questdb fetch included, which then runs
+        under the least-privilege query role). Unknown actors and ops run nothing: they are
+        answered with INVALID_REQUEST either way."""
         child = self.rt.supervisor.children.get(params["actor"])
         if child is None:
             return False
@@ -646,18 +665,17 @@ class Connection:
         if token is None:
             raise RpcError(UNAUTHORIZED, f"no token is configured on this server (set the "
                                          f"environment variable {self.server.token_env})")
-        retry = self.server.throttled(self.source)
-        if retry is None and tokens_equal(token, params["token"]):
+        if tokens_equal(token, params["token"]):  # always compared: never locked out
             self.authenticated = True
             return {"ok": True}
         self._auth_failures += 1
         if self._auth_failures >= MAX_AUTH_FAILURES:
             self._close_after_reply = _Close(CLOSE_POLICY, "too many failed auth attempts")
+        retry = await self.server.wrong_token(self.source, limit_s=4 * self.server.tarpit_s)
         if retry is not None:
-            raise RpcError(RATE_LIMITED, "too many wrong tokens from this address; the token "
-                                         f"was not checked: retry in {retry:.1f} s",
-                           data={"retry_after": round(retry, 3)})
-        self.server.token_failed(self.source)
+            raise RpcError(RATE_LIMITED, "invalid token; too many wrong tokens from this "
+                                         f"address: answers are slowed down (retry in "
+                                         f"{retry:.1f} s)", data={"retry_after": round(retry, 3)})
         raise RpcError(UNAUTHORIZED, "invalid token")
 
     async def _status(self, params: dict[str, Any]) -> Any:

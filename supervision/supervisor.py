@@ -123,6 +123,7 @@ class Child:
         self.done = trio.Event()
         self.ref: ActorRef | None = None
         self.crashes = 0
+        self.state_changed = trio.Event()  # set (and replaced) on every state change seen
 
     @property
     def actor(self) -> Actor:
@@ -464,6 +465,8 @@ class Supervisor:
             view.since = iso(event.ts)
             view.attempt = message.attempt or 0
             view.next_retry_at = next_at
+            child.state_changed.set()
+            child.state_changed = trio.Event()
             return
         kind = message.kind
         if kind == EventKind.BACKOFF_SCHEDULED:
@@ -609,10 +612,15 @@ class Subtree:
             affected = self.members[self.members.index(child) + 1:]
         affected = [m for m in affected if m.running]
         if affected and self.nursery is not None:
-            self.nursery.start_soon(self._restart_group, child.name, affected)
+            self.nursery.start_soon(self._restart_group, child, affected)
 
-    async def _restart_group(self, cause: str, affected: list[Member]) -> None:
-        reason = f"{self.strategy}:{cause}"
+    async def _restart_group(self, failed: Child, affected: list[Member]) -> None:
+        """Stop ``affected`` in reverse start order, then start them in start order, the
+        failed child in its place: those started after it (its dependants) wait until it is
+        CONNECTED again (it reconnects on its own backoff, so a flapping child still
+        escalates), or until it is no longer running. As OTP restarts the group in order."""
+        reason = f"{self.strategy}:{failed.name}"
+        after_failed = set(map(id, self.members[self.members.index(failed) + 1:]))
         with trio.CancelScope() as scope:
             self._group_scopes.add(scope)
             try:
@@ -620,11 +628,21 @@ class Subtree:
                     for member in reversed(affected):
                         await self._stop_member(member, reason)
                     for member in affected:
+                        if id(member) in after_failed:
+                            await self._until_up(failed)
                         if self.stopping:
                             return
                         await self.start_member(member)
             finally:
                 self._group_scopes.discard(scope)
+
+    @staticmethod
+    async def _until_up(child: Child) -> None:
+        """Until ``child`` is CONNECTED or has stopped running. No deadline on purpose: its
+        dependants stay stopped while it is down (ERROR included); the group's cancel scope
+        (a supervisor stop, a newer group restart) ends the wait."""
+        while child.running and child.view.state is not ConnectionState.CONNECTED:
+            await child.state_changed.wait()
 
 
 Member = Child | Subtree

@@ -72,3 +72,26 @@ async def test_control_channel_sql_has_a_pool_of_its_own(
         actor = rt.supervisor.children["questdb"].actor
         assert actor.query_pool is not None and actor.query_pool.get_size() <= 2
         assert rt.state("questdb") == "CONNECTED"
+
+
+async def test_with_an_external_dsn_control_sql_runs_as_the_query_dsn_user(
+        tmp_path: Path, pg_server: EmbeddedPostgres) -> None:
+    # questdb.query_dsn: the control channel's free-form SQL connects as its own
+    # least-privilege user; the bot's own SQL keeps the runtime's.
+    async with open_runtime(config_for(tmp_path, pg_server.dsn)) as rt:
+        made = await rt.questdb.execute(
+            "CREATE ROLE sup_reader LOGIN PASSWORD 'reader-pw' NOSUPERUSER")
+        assert made.ok, made
+    parts = pg_server.dsn.split("@", 1)
+    query_dsn = "postgresql://sup_reader:reader-pw@" + parts[1]
+    config = config_for(tmp_path, pg_server.dsn)
+    values = {s: dict(v) for s, v in config.values.items()}
+    values["questdb"]["query_dsn"] = query_dsn
+    config = RuntimeConfig.from_mapping(values, env={})
+    async with open_runtime(config) as rt:
+        control = await rt.call("questdb", "fetchval", {"sql": "SELECT current_user"}, 5.0)
+        bot = await rt.questdb.fetchval("SELECT current_user")
+        assert control.ok and control.data == "sup_reader", control
+        assert bot.ok and bot.data != "sup_reader", bot
+        # Its password is never shown.
+        assert "reader-pw" not in repr(rt.status())

@@ -101,6 +101,9 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
     "questdb": {
         "enabled": ("bool", True),
         "dsn": ("str", ""),
+        # External database: the control channel's free-form SQL connects with this DSN (a
+        # least-privilege user); "" uses dsn (a warning at start says so).
+        "query_dsn": ("str", ""),
         "retry_delays_s": ("floats", [0.1, 0.5, 1.0]),
         "breaker_threshold": ("int", 5),
         "breaker_open_s": ("float", 30.0),
@@ -177,7 +180,7 @@ def _check(section: str, key: str, kind: str, value: Any, source: str) -> Any:
             raise ConfigError(f"{where}: delays must be >= 0, got {value!r}")
     if kind == "int" and key.endswith(("port",)) and not 0 <= value <= 65535:
         raise ConfigError(f"{where}: not a TCP port: {value!r}")
-    if (section, key) == ("questdb", "dsn") and value:
+    if (section, key) in (("questdb", "dsn"), ("questdb", "query_dsn")) and value:
         _check_dsn(value, where)
     choices = CHOICES.get((section.split(".")[0], key))  # mt5.terminals.X: as [mt5]
     if choices is not None and value not in choices:

@@ -297,9 +297,13 @@ async def _start_questdb(rt: Runtime) -> None:
     config = rt.config
     q = config["questdb"]
     dsn = q["dsn"]
-    query_dsn: str | None = None
+    query_dsn: str | None = q["query_dsn"] or None
     if not dsn:
         dsn, query_dsn = await _start_embedded_db(rt)
+    elif query_dsn is None:
+        log.warning("questdb.query_dsn is not set: free-form SQL from the control channel "
+                    "(token holders only) runs with the runtime's own database user; set it "
+                    "to a least-privilege user (docs/operations.md, Security)")
     await rt.supervisor.start_child(ChildSpec(
         "questdb", lambda: QuestdbActor(dsn, config, query_dsn=query_dsn),
         settings=config.actor_settings("questdb"), ref_class=QuestdbRef))

@@ -230,19 +230,17 @@ def test_token_guessing_is_throttled_per_source_across_connections(tmp_path: Pat
 
 
 # ---------------------------------------------------------------------------- redaction
-def test_an_echoed_secret_is_withheld_without_showing_where_it_was(
+def test_a_guessed_secret_cannot_be_checked_through_an_error_message(
         runtime: RuntimeProcess) -> None:
+    # An open read without the token, with a guessed password as an argument name: if the
+    # answer quoted the caller's text, scrubbing the real password from it would tell
+    # which guess was right. The caller's text is not quoted: both answers are the same.
     with Rpc(runtime.ws_url) as client:
-        # The simulator echoes unknown argument names in its error: a way to get chosen
-        # text into a message that is scrubbed of the MT5 password.
         hit = client.call("mt5", "symbol_info_tick", {f"xx{MT5_SECRET}yy": 1})
         miss = client.call("mt5", "symbol_info_tick", {"xxnot-the-secretyy": 1})
-    hit_message, miss_message = hit["error"]["message"], miss["error"]["message"]
-    assert "xxnot-the-secretyy" in miss_message  # the probe does reach the message
-    assert MT5_SECRET not in hit_message
-    # Nothing of the guess around the secret is shown: its position is not confirmed.
-    assert "xx" not in hit_message and "yy" not in hit_message, hit_message
-    assert hit_message.startswith("symbol_info_tick failed: ")
+    assert hit["error"] == miss["error"], (hit, miss)
+    assert MT5_SECRET not in hit["error"]["message"]
+    assert hit["error"]["message"].startswith("symbol_info_tick failed: ")
 
 
 # ---------------------------------------------------------------------------- CLI, HTTP

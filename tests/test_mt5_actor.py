@@ -816,7 +816,7 @@ async def test_not_found_and_invalid_requests_leave_the_connection_alone(
         assert r.error.code is E.INVALID_REQUEST
         assert r.error.message == "symbol_info_tick failed: symbol must be a non-empty string"
         r = await t.ref.call("symbol_info_tick", {"sym": "EURUSD"})
-        assert r.error.message == ("symbol_info_tick failed: unexpected argument(s) sym; "
+        assert r.error.message == ("symbol_info_tick failed: 1 unexpected argument(s); "
                                    "symbol_info_tick takes symbol")
         r = await t.ref.call("no_such_op")
         assert r.error.code is E.INVALID_REQUEST

@@ -470,7 +470,9 @@ def _bind(op: str, args: Mapping[str, Any]) -> tuple[list[Any], dict[str, Any]]:
     positional_names, keyword_names = SIGNATURES[op]
     unknown = set(args) - set(positional_names) - set(keyword_names)
     if unknown:
-        raise TypeError(f"unexpected argument(s) {', '.join(sorted(unknown))}; "
+        # The names are not echoed: open reads answer unauthenticated clients, and an
+        # answer that quotes their text could be checked against a guessed secret.
+        raise TypeError(f"{len(unknown)} unexpected argument(s); "
                         f"{op} takes {', '.join(positional_names + keyword_names) or 'none'}")
     positional: list[Any] = []
     for name in positional_names:

@@ -22,16 +22,15 @@ from typing import Any
 import pytest
 import trio
 
-from actors.cache import TtlCache
 from actors.mt5 import codes
-from actors.mt5.actor import Mt5Actor, Mt5Ref, TerminalLedger
+from actors.mt5.actor import Mt5Ref
 from actors.mt5.process_worker import TerminalHost
 from actors.mt5.terminal_process import BackendRecipe
 from supervision.errors import ErrorCode
 from supervision.settings import ActorSettings
-from supervision.supervisor import ChildSpec
-from tests.support.actors import Recorder, running_supervisor
+from tests.support.actors import Recorder
 from tests.support.e2e import free_port
+from tests.support.mt5 import hosted_terminal
 from tests.support.waiting import eventually
 
 if os.environ.get("CI", "").lower() in ("true", "1"):
@@ -88,23 +87,9 @@ async def simulator_inject(port: int, fault: str, **params: Any) -> None:
 @contextlib.asynccontextmanager
 async def bridged_terminal(tmp_path: Path, port: int, *, ipc_timeout_s: float = 60.0
                            ) -> AsyncIterator[tuple[Mt5Ref, TerminalHost, Recorder]]:
-    host = TerminalHost(BackendRecipe("mt5linux", port=port, ipc_timeout_s=ipc_timeout_s))
-    ledger = TerminalLedger()
-    try:
-        async with running_supervisor(tmp_path, lkg=TtlCache()) as sup:
-            rec = Recorder(sup)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(rec.run)
-                ref = await sup.start_child(ChildSpec(
-                    "mt5", lambda: Mt5Actor(None, inline=False, ledger=ledger, host=host),
-                    settings=SETTINGS, ref_class=Mt5Ref))
-                assert isinstance(ref, Mt5Ref)
-                yield ref, host, rec
-                await sup.shutdown()
-                nursery.cancel_scope.cancel()
-    finally:
-        with trio.CancelScope(shield=True):
-            await host.aclose()
+    recipe = BackendRecipe("mt5linux", port=port, ipc_timeout_s=ipc_timeout_s)
+    async with hosted_terminal(tmp_path, recipe, SETTINGS) as (_sup, ref, host, rec):
+        yield ref, host, rec
 
 
 async def test_the_real_client_trades_through_the_bridge(tmp_path):

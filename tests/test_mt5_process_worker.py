@@ -12,22 +12,21 @@ import contextlib
 import os
 import signal
 import threading
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import trio
 
-from actors.cache import TtlCache
 from actors.mt5 import codes
-from actors.mt5.actor import Mt5Actor, Mt5Ref, TerminalLedger
+from actors.mt5.actor import Mt5Ref
 from actors.mt5.process_worker import TerminalHost
 from actors.mt5.terminal_process import BackendRecipe
 from actors.mt5.worker import ABANDONED
 from supervision.errors import ErrorCode
 from supervision.settings import ActorSettings
-from supervision.supervisor import ChildSpec, Supervisor
-from tests.support.actors import Recorder, running_supervisor
+from supervision.supervisor import Supervisor
+from tests.support.actors import Recorder
+from tests.support.mt5 import hosted_terminal
 
 DEADLINE_S = 0.5
 SETTINGS = ActorSettings(backoff_base_s=0.2, shutdown_timeout_s=2.0, connect_timeout_s=30.0,
@@ -61,27 +60,10 @@ def child_pids() -> set[int]:
     return children
 
 
-@contextlib.asynccontextmanager
-async def terminal(tmp_path: Path, name: str = "mt5"
-                   ) -> AsyncIterator[tuple[Supervisor, Mt5Ref, TerminalHost, Recorder]]:
-    host = TerminalHost(BackendRecipe("simulator"), name=name)
-    ledger = TerminalLedger()
-    try:
-        async with running_supervisor(tmp_path, lkg=TtlCache()) as sup:
-            rec = Recorder(sup)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(rec.run)
-                ref = await sup.start_child(ChildSpec(
-                    name, lambda: Mt5Actor(None, inline=False, name=name, ledger=ledger,
-                                           host=host),
-                    settings=SETTINGS, ref_class=Mt5Ref))
-                assert isinstance(ref, Mt5Ref)
-                yield sup, ref, host, rec
-                await sup.shutdown()
-                nursery.cancel_scope.cancel()
-    finally:
-        with trio.CancelScope(shield=True):
-            await host.aclose()
+def terminal(tmp_path: Path, name: str = "mt5"
+             ) -> contextlib.AbstractAsyncContextManager[
+                 tuple[Supervisor, Mt5Ref, TerminalHost, Recorder]]:
+    return hosted_terminal(tmp_path, BackendRecipe("simulator"), SETTINGS, name)
 
 
 async def test_a_hung_call_kills_the_process_and_a_fresh_one_takes_over(tmp_path):

@@ -129,8 +129,10 @@ class RuntimeProcess:
 
     def __init__(self, workdir: Path, *, state_dir: Path | None = None,
                  sections: Mapping[str, Mapping[str, Any]] | None = None,
-                 token: str | None = TOKEN) -> None:
+                 token: str | None = TOKEN,
+                 env: Mapping[str, str] | None = None) -> None:
         self.workdir = workdir
+        self.extra_env = dict(env or {})
         workdir.mkdir(parents=True, exist_ok=True)
         self.owns_state_dir = state_dir is None
         self.state_dir = (state_dir or scratch_state_dir() / "var")
@@ -165,6 +167,7 @@ class RuntimeProcess:
         if self.token is not None:
             env[TOKEN_ENV] = self.token
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.extra_env)
         with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "supervision.shell.cli", "run", "--config",

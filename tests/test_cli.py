@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from supervision.shell import cli
-from tests.support.inprocess import control_url, emit_events, running, wait_head
+from tests.support.inprocess import TOKEN, control_url, emit_events, running, wait_head
 from tests.support.waiting import in_thread
 
 pytestmark = pytest.mark.realserver
@@ -85,6 +85,26 @@ async def test_status_with_a_wrong_token_exits_1(tmp_path, capsys, monkeypatch) 
         url = control_url(rt)
         assert await in_thread(lambda: cli.main(["status", "--url", url])) == 1
         assert "HTTP 401" in capsys.readouterr().err
+
+
+async def test_an_error_answer_exits_4_and_no_server_exits_1(tmp_path, capsys,
+                                                              monkeypatch) -> None:
+    async with running(tmp_path) as rt:
+        url = control_url(rt)
+        # A refused request (a mutating method without the token).
+        monkeypatch.delenv("MT5SUP_TOKEN", raising=False)
+        assert await in_thread(lambda: cli.main(["restart", "cache", "--url", url])) == 4
+        assert "the runtime refused" in capsys.readouterr().err
+        # An error Response from a call: answered, but not ok.
+        monkeypatch.setenv("MT5SUP_TOKEN", TOKEN)
+        argv = ["call", "cache", "no_such_op", "--url", url, "--json"]
+        assert await in_thread(lambda: cli.main(argv)) == 4
+        assert '"status": "error"' in capsys.readouterr().out
+        argv = ["call", "cache", "stats", "--url", url, "--json"]
+        assert await in_thread(lambda: cli.main(argv)) == 0
+    # The runtime has gone: the same call cannot connect.
+    argv = ["call", "cache", "stats", "--url", url, "--timeout", "2"]
+    assert await in_thread(lambda: cli.main(argv)) == 1
 
 
 async def test_events_prints_the_log_and_exits(tmp_path, capsys) -> None:

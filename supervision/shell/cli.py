@@ -25,6 +25,9 @@ EXIT_OK = 0
 EXIT_CONNECT = 1
 EXIT_USAGE = 2
 EXIT_LOG_DAMAGED = 3  # `log check`: unreadable lines found; `log repair`: could not repair
+# The runtime answered, with an error: a JSON-RPC error (refused, unknown actor, no token),
+# or `call`'s error Response. Scripts tell "not running" (1) from "said no" (4).
+EXIT_REFUSED = 4
 
 DESCRIPTION = """\
 mt5-supervisor runs a supervised tree of actors: a MetaTrader 5 terminal (or its built-in
@@ -51,7 +54,8 @@ read from the environment variable MT5SUP_TOKEN; `status` and `events` send it w
 
   mt5-supervisor log check                    # is the event log readable? (see log repair)
 
-exit codes: 0 ok, 1 cannot connect, 2 usage or configuration error, 3 damaged event log"""
+exit codes: 0 ok, 1 cannot connect, 2 usage or configuration error, 3 damaged event log,
+            4 the runtime answered with an error (refused, or the call's error response)"""
 
 
 class CannotConnect(Exception):
@@ -213,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONNECT
     except RpcFailure as exc:
         print(f"mt5-supervisor: the runtime refused: {exc}", file=sys.stderr)
-        return EXIT_CONNECT
+        return EXIT_REFUSED
     except KeyboardInterrupt:
         return EXIT_OK
 
@@ -570,7 +574,7 @@ async def cmd_call(args: argparse.Namespace) -> int:
             params["timeout_s"] = args.call_timeout
         response = await client.call("actor.call", params)
         print(json.dumps(response, indent=None if args.json else 2))
-        return EXIT_OK if response.get("status") in ("ok", "degraded") else EXIT_CONNECT
+        return EXIT_OK if response.get("status") in ("ok", "degraded") else EXIT_REFUSED
 
     return await _with_client(args, body)
 

@@ -215,3 +215,32 @@ def test_a_damaged_secret_file_stops_the_start_with_its_name(tmp_path: Path) -> 
     assert result.returncode == 2, output
     assert "db-secrets.json" in output and "Traceback" not in output, output
     assert (state_dir / "db-secrets.json").read_text() == "{not json"  # left for the operator
+
+
+async def test_a_cancelled_start_is_not_waited_for_and_is_told_to_give_up() -> None:
+    """Shutdown during a database start: the caller returns at once (not after the start's
+    30 s), and the start in its thread is told to give up."""
+    import threading
+
+    import trio
+
+    from actors.questdb.embedded_db import start_abandonably
+
+    class HangingStart:
+        def __init__(self) -> None:
+            self.abort: threading.Event | None = None
+            self.gave_up = threading.Event()
+
+        def start(self, timeout_s: float, abort: threading.Event | None = None) -> None:
+            self.abort = abort
+            assert abort is not None
+            if abort.wait(timeout_s):
+                self.gave_up.set()
+
+    db = HangingStart()
+    started = time.monotonic()
+    with trio.move_on_after(0.2):
+        await start_abandonably(db, 30.0)  # type: ignore[arg-type]
+    assert time.monotonic() - started < 2.0
+    assert db.abort is not None and db.abort.is_set()
+    assert await trio.to_thread.run_sync(db.gave_up.wait, 5.0)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -176,6 +178,42 @@ def test_failed_start_reports_the_server_log(pg_server_factory: Any) -> None:
     assert "exited with status" in text
     assert "shared_buffers" in text  # the log tail says what was wrong
     assert not server.is_running()
+
+
+def test_an_abandoned_start_gives_up_at_once_and_leaves_nothing_running(
+        pg_server_factory: Any) -> None:
+    """A start the caller stopped waiting for (shutdown during a start) must not run on for
+    its whole timeout: the runtime's final close() waits for it."""
+    server = pg_server_factory(start=False)
+    abort = threading.Event()
+    stopped: list[int] = []
+
+    def hang_then_abandon() -> None:
+        # As a hung start: the postmaster is there but never gets ready. Then the caller
+        # gives up.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and server.pid is None:
+            time.sleep(0.001)
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGSTOP)
+        stopped.append(server.pid)
+        time.sleep(0.3)
+        abort.set()
+
+    watcher = threading.Thread(target=hang_then_abandon)
+    watcher.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(EmbeddedPostgresError, match="abandoned"):
+            server.start(timeout_s=30, abort=abort)
+    finally:
+        watcher.join()
+    assert time.monotonic() - started < 5  # not the 30 s timeout
+    assert stopped and not pid_alive(stopped[0])
+    assert not server.is_running() and refused(server)
+    # Nothing is left half-started: the next start works.
+    server.start(timeout_s=30)
+    assert run(lambda: query(server, "SELECT 1")) == 1
 
 
 def test_initdb_on_an_empty_directory_and_a_named_database(pg_base_dir: Path) -> None:

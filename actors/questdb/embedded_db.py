@@ -27,6 +27,7 @@ module makes it safe and supervised:
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import json
@@ -34,6 +35,7 @@ import logging
 import os
 import secrets
 import struct
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -216,9 +218,10 @@ class EmbeddedDatabase:
     def secrets(self) -> tuple[str, ...]:
         return tuple(self.passwords.values())
 
-    def start(self, timeout_s: float = 30.0) -> None:
-        """Start (or crash-recover) the server and provision the roles. Blocking."""
-        self.server.start(timeout_s=timeout_s)
+    def start(self, timeout_s: float = 30.0, abort: threading.Event | None = None) -> None:
+        """Start (or crash-recover) the server and provision the roles. Blocking; gives up
+        (leaving nothing running) once ``abort`` is set."""
+        self.server.start(timeout_s=timeout_s, abort=abort)
         verifiers = {role: scram_verifier(pw) for role, pw in self.passwords.items()}
         cluster, database = provisioning_sql(verifiers, self.statement_timeout_ms)
         self.server.psql(cluster, timeout_s=timeout_s)
@@ -237,6 +240,24 @@ class EmbeddedDatabase:
             first = await stream.receive_some(1)
         if first not in (b"R", b"E"):
             raise ConnectionError("the embedded database closed the connection unanswered")
+
+
+async def start_abandonably(db: EmbeddedDatabase, timeout_s: float) -> None:
+    """``db.start`` in a worker thread that a cancelled caller does not wait for.
+
+    A start can take up to ``timeout_s`` (30 s), and a plain ``to_thread`` call cannot be
+    cancelled: shutting down during a start would wait for it, past the shutdown bound. So
+    the caller stops waiting at once and sets ``abort``, which the thread sees within one
+    poll (20 ms), killing the postmaster it spawned. The thread holds the server's lock
+    until then, so the runtime's final ``close()`` still waits for it: nothing outlives the
+    runtime, and the wait is one poll, not the start's timeout."""
+    abort = threading.Event()
+    try:
+        await trio.to_thread.run_sync(
+            functools.partial(db.start, timeout_s, abort), abandon_on_cancel=True)
+    except trio.Cancelled:
+        abort.set()
+        raise
 
 
 class EmbeddedDbActor(Actor):
@@ -272,7 +293,7 @@ class EmbeddedDbActor(Actor):
                 # does not wait for a hung child; kill it and start a fresh one.
                 log.warning("the embedded database does not answer: killing it")
                 await trio.to_thread.run_sync(db.server.kill)
-        await trio.to_thread.run_sync(db.start, self.start_timeout_s)
+        await start_abandonably(db, self.start_timeout_s)
         with trio.fail_after(self.liveness_timeout_s):
             await db.answers()
 

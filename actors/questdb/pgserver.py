@@ -293,11 +293,12 @@ class EmbeddedPostgres:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self, timeout_s: float = 30.0) -> None:
+    def start(self, timeout_s: float = 30.0, *, abort: threading.Event | None = None) -> None:
         """Initialise the cluster if needed, start the server, wait until it accepts sessions.
 
         Idempotent while running. Raises :class:`EmbeddedPostgresError` (with the tail of the
-        server log) if the server exits or is not ready within ``timeout_s``.
+        server log) if the server exits or is not ready within ``timeout_s``, or as soon as
+        ``abort`` is set (a caller that stopped waiting: nothing is left running).
         """
         with self._lock:
             if self._closed:
@@ -306,13 +307,15 @@ class EmbeddedPostgres:
                 return
             deadline = time.monotonic() + timeout_s
             self._ensure_initialised(timeout_s)
+            _check_abort(abort)
             if not self.superuser_over_tcp:
                 self._write_locked_hba()
             self._reap_stale_postmaster(max(1.0, deadline - time.monotonic()))
+            _check_abort(abort)
             socket_dir = self._ensure_socket_dir()
             self._proc, log_offset = self._spawn_postmaster(socket_dir)
             try:
-                self._wait_ready(deadline, log_offset)
+                self._wait_ready(deadline, log_offset, abort)
                 if self.database not in ("postgres", "template1"):
                     self._ensure_database(max(5.0, deadline - time.monotonic()))
             except BaseException:
@@ -449,12 +452,14 @@ class EmbeddedPostgres:
             )
         return proc, log_offset
 
-    def _wait_ready(self, deadline: float, log_offset: int) -> None:
+    def _wait_ready(self, deadline: float, log_offset: int,
+                    abort: threading.Event | None = None) -> None:
         """Until the postmaster reports ``ready`` and a real startup packet is accepted."""
         proc = self._proc
         assert proc is not None
         pid_file = self.data_dir / "postmaster.pid"
         while True:
+            _check_abort(abort)
             code = proc.poll()
             if code is not None:
                 raise EmbeddedPostgresError(
@@ -788,6 +793,11 @@ class EmbeddedPostgres:
                 if root.exists() and not _other_readable(root):
                     _open_tree_for_reading(root)
             _CHECKED_INSTALLS.add(install)
+
+
+def _check_abort(abort: threading.Event | None) -> None:
+    if abort is not None and abort.is_set():
+        raise EmbeddedPostgresError("start abandoned: the caller stopped waiting")
 
 
 def _pid_alive(pid: int) -> bool:

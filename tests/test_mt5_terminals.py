@@ -115,6 +115,34 @@ def test_terminal_sections_inherit_mt5_and_take_their_own_password():
     assert config.terminal_settings("acct2").call_timeout_s == 3.0
 
 
+def test_environment_overrides_reach_a_terminal_the_file_declares():
+    config = RuntimeConfig.from_mapping({
+        "mt5": {"login": 1, "terminals": {"acct2": {"login": 2}, "acct2_b": {"login": 3}}},
+    }, source="x.toml", env={"MT5SUP_MT5_TERMINALS_ACCT2_LOGIN": "20",
+                             "MT5SUP_MT5_TERMINALS_ACCT2_B_CALL_TIMEOUT_S": "4.5",
+                             "MT5SUP_MT5_CALL_TIMEOUT_S": "7.0"})
+    assert config.terminals["acct2"]["login"] == 20
+    assert config.terminals["acct2"]["call_timeout_s"] == 7.0  # [mt5]'s, from its variable
+    assert config.terminals["acct2_b"]["login"] == 3  # a longer name is its own terminal
+    assert config.terminals["acct2_b"]["call_timeout_s"] == 4.5
+    assert config["mt5"]["login"] == 1
+
+
+@pytest.mark.parametrize(("env", "words"), [
+    ({"MT5SUP_MT5_TERMINALS_ACCT9_LOGIN": "9"},
+     ["MT5SUP_MT5_TERMINALS_ACCT9_LOGIN", "acct2"]),  # env adjusts, never creates
+    ({"MT5SUP_MT5_TERMINALS_ACCT2_LOGON": "9"}, ["MT5SUP_MT5_TERMINALS_ACCT2_LOGON"]),
+    ({"MT5SUP_MT5_TERMINALS_ACCT2_LOGIN": "two"},
+     ["mt5.terminals.acct2.login", "MT5SUP_MT5_TERMINALS_ACCT2_LOGIN"]),
+])
+def test_bad_terminal_environment_overrides_are_refused_naming_the_variable(env, words):
+    with pytest.raises(ConfigError) as refused:
+        RuntimeConfig.from_mapping({"mt5": {"terminals": {"acct2": {"login": 2}}}},
+                                   source="x.toml", env=env)
+    for word in words:
+        assert word in str(refused.value)
+
+
 @pytest.mark.parametrize(("table", "words"), [
     ({"acct2": {"pasword_env": "X"}}, ["mt5.terminals.acct2.pasword_env", "x.toml"]),
     ({"acct2": {"worker": "fiber"}}, ["mt5.terminals.acct2.worker", "x.toml"]),

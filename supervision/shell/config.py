@@ -14,7 +14,8 @@ Rules (DESIGN.md section 8):
   ``password_env`` (default ``MT5_PASSWORD_<NAME>``). A DSN may carry a password (it then
   comes from the file or ``MT5SUP_QUESTDB_DSN``); it is redacted everywhere it is shown.
 * ``[mt5.terminals.NAME]`` tables take ``[mt5]``'s keys, defaulting to ``[mt5]``'s values
-  (``RuntimeConfig.terminals``); environment overrides do not reach them.
+  (``RuntimeConfig.terminals``, after ``MT5SUP_MT5_*``); ``MT5SUP_MT5_TERMINALS_<NAME>_<KEY>``
+  overrides one key of a terminal the file declares.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from supervision.eventlog import FSYNC_POLICIES
 from supervision.settings import ActorSettings
 
 ENV_PREFIX = "MT5SUP_"
+TERMINALS_ENV = "terminals_"  # MT5SUP_MT5_TERMINALS_<NAME>_<KEY>, after "MT5SUP_MT5_"
 
 
 class ConfigError(ValueError):
@@ -225,6 +227,37 @@ def _terminal_values(name: Any, table: Any, mt5: Mapping[str, Any],
     return values
 
 
+def _with_terminal_env(tables: Mapping[str, Any],
+                       overrides: list[tuple[str, str, str]]) -> Mapping[str, Any]:
+    """``MT5SUP_MT5_TERMINALS_<NAME>_<KEY>`` applied to the ``[mt5.terminals.NAME]`` tables.
+
+    Names and keys both hold ``_``, so a variable is matched against the terminals the file
+    declares (case-insensitively), the longest name first; the environment adjusts a
+    terminal, it does not create one (its name and password variable belong in the file)."""
+    if not overrides:
+        return tables
+    merged = {name: dict(table) if isinstance(table, Mapping) else table
+              for name, table in tables.items()}
+    by_length = sorted((n for n in merged if isinstance(n, str)), key=len, reverse=True)
+    for variable, rest, text in overrides:
+        for terminal in by_length:
+            prefix = terminal.lower() + "_"
+            key = rest[len(prefix):]
+            if rest.startswith(prefix) and key in SCHEMA["mt5"]:
+                table = merged[terminal]
+                if isinstance(table, dict):  # else _terminal_values refuses the table
+                    table[key] = _check(f"mt5.terminals.{terminal}", key,
+                                        SCHEMA["mt5"][key][0], _env_value(text),
+                                        f"environment variable {variable}")
+                break
+        else:
+            declared = ", ".join(sorted(merged)) or "none"
+            raise ConfigError(
+                f"environment variable {variable}: no [mt5.terminals.NAME] key matches it "
+                f"(MT5SUP_MT5_TERMINALS_<NAME>_<KEY>; terminals in the file: {declared})")
+    return merged
+
+
 def _refuse_shared_terminals(mt5: Mapping[str, Any],
                              terminals: Mapping[str, Mapping[str, Any]], source: str) -> None:
     """Two actors on one real terminal would switch each other's account (``initialize``
@@ -305,6 +338,7 @@ class RuntimeConfig:
                 values[section][key] = _check(section, key, SCHEMA[section][key][0], value,
                                               source)
                 explicit.add((section, key))
+        terminal_env: list[tuple[str, str, str]] = []  # (variable, rest of its name, text)
         for name, text in env.items():
             if not name.startswith(ENV_PREFIX):
                 continue
@@ -312,6 +346,9 @@ class RuntimeConfig:
             section, _, key = rest.partition("_")
             if section not in SCHEMA:
                 continue  # e.g. MT5SUP_TOKEN, the default token variable
+            if section == "mt5" and key.startswith(TERMINALS_ENV):
+                terminal_env.append((name, key[len(TERMINALS_ENV):], text))
+                continue
             if key not in SCHEMA[section]:
                 raise ConfigError(f"environment variable {name}: unknown key {section}.{key}")
             values[section][key] = _check(section, key, SCHEMA[section][key][0],
@@ -323,6 +360,7 @@ class RuntimeConfig:
             for key in SUPERVISOR_KEYS:
                 if (section, key) not in explicit:
                     values[section][key] = values["supervisor"][key]
+        terminal_tables = _with_terminal_env(terminal_tables, terminal_env)
         terminals = {name: _terminal_values(name, table, values["mt5"], source)
                      for name, table in terminal_tables.items()}
         _refuse_shared_terminals(values["mt5"], terminals, source)

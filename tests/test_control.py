@@ -7,6 +7,7 @@ in worker threads so the trio loop keeps serving.
 
 from __future__ import annotations
 
+import base64
 import hmac
 import json
 import threading
@@ -700,6 +701,37 @@ async def test_the_reserved_slots_admit_only_a_valid_bearer_header(tmp_path) -> 
                 Client(control_url(rt), token=TOKEN)
             assert info.value.response.status_code == 503
             for c in (*crowd, operator):
+                c.close()
+
+        await in_thread(client)
+
+
+def bearer_subprotocols(token: str) -> list[str]:
+    encoded = base64.urlsafe_b64encode(token.encode()).decode().rstrip("=")
+    return [control_server.PAGE_SUBPROTOCOL, control_server.BEARER_SUBPROTOCOL + encoded]
+
+
+async def test_a_browser_offers_the_token_as_a_subprotocol_and_gets_a_reserved_slot(
+        tmp_path) -> None:
+    """A browser cannot set an Authorization header on a WebSocket: the operator's page
+    offers the token as a subprotocol, and gets the same reserved slots."""
+    async with running(tmp_path, control={"max_connections": 1,
+                                          "reserved_connections": 1}) as rt:
+        def client() -> None:
+            crowd = Client(control_url(rt))
+            for offered in (bearer_subprotocols("wrong"),
+                            [control_server.PAGE_SUBPROTOCOL, "mt5sup.bearer.%%%"]):
+                with pytest.raises(InvalidStatus) as info:
+                    Client(control_url(rt), subprotocols=offered)
+                assert info.value.response.status_code == 401
+            with pytest.raises(InvalidStatus) as info:  # no token: no slot
+                Client(control_url(rt), subprotocols=[control_server.PAGE_SUBPROTOCOL])
+            assert info.value.response.status_code == 503
+            page = Client(control_url(rt), subprotocols=bearer_subprotocols(TOKEN))
+            # The server answers with the page's protocol, never echoing the token.
+            assert page.ws.subprotocol == control_server.PAGE_SUBPROTOCOL
+            assert page.result("actor.restart", {"actor": "cache"}) == {"ok": True}
+            for c in (crowd, page):
                 c.close()
 
         await in_thread(client)

@@ -16,11 +16,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.exceptions import InvalidStatus
 
 from supervision.shell import web
 from tests.support.browser import Browser, find_chromium
@@ -30,6 +32,8 @@ pytestmark = [pytest.mark.realserver, pytest.mark.slow]
 
 # Two terminals: the page shows every actor, each terminal with its own controls.
 ACTORS = ("cache", "questdb", "mt5", "mt5-acct2", "events_store")
+# Small, so that a test can fill the server with sockets that have no token.
+MAX_CONNECTIONS = 12
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -37,7 +41,8 @@ ACTORS = ("cache", "questdb", "mt5", "mt5-acct2", "events_store")
 def runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RuntimeProcess]:
     # A generous request rate: the page polls status and health, tests poll the log.
     with RuntimeProcess(tmp_path_factory.mktemp("operator-page"), sections={
-        "control": {"requests_per_second": 200.0},
+        "control": {"requests_per_second": 200.0, "max_connections": MAX_CONNECTIONS,
+                    "reserved_connections": 4},
         "mt5.terminals.acct2": {"backend": "simulator"}}).serving() as rt:
         yield rt
 
@@ -383,6 +388,71 @@ def test_overflow_is_shown_and_the_gap_refetched(browser: Browser, runtime: Runt
                             and evs[-1]["to"] == "CONNECTED")[-1]["seq"]
     browser.wait_for(f"Number(document.getElementById('last-seq').textContent) >= {head}")
     assert_timeline_matches_log(browser, runtime)
+
+
+def test_the_operator_gets_in_with_the_token_while_other_sockets_fill_the_server(
+        browser: Browser, runtime: RuntimeProcess, shots: Path) -> None:
+    """A local process holding every connection without the token must not lock the
+    operator's page out: the page offers the token in the handshake (a browser cannot send
+    an Authorization header) and takes one of the connections reserved for it."""
+    # A fresh page, not signed in, with its connection...
+    browser.open(runtime.http_base + "/")
+    browser.wait_for("page.subscription !== null && !page.authenticated")
+    crowd: list[Rpc] = []
+
+    def fill() -> None:
+        """Take every free connection (until the server answers 503)."""
+        for _ in range(MAX_CONNECTIONS + 1):
+            try:
+                hog = Rpc(runtime.ws_url)
+            except InvalidStatus as refused:
+                assert refused.response.status_code == 503
+                return
+            # Subscribed (never idle), to nothing that happens (nothing to read).
+            hog.result("events.subscribe", {"actors": ["nobody"]})
+            crowd.append(hog)
+        pytest.fail("the server never filled up")
+
+    try:
+        # ...loses it, and cannot get back in: the crowd takes the slot it freed (each
+        # time the page's retry wins the race, it is dropped again).
+        deadline = time.monotonic() + 30
+        while not browser.evaluate("page.reconnects >= 2"):
+            assert time.monotonic() < deadline, "the page was never locked out"
+            fill()
+            browser.evaluate("page.ws !== null && page.ws.readyState === WebSocket.OPEN "
+                             "&& page.ws.close() === undefined")
+            time.sleep(0.1)
+        assert browser.evaluate("page.subscription === null && !page.authenticated")
+        snap(browser, shots, "10-full-read-only-locked-out")
+        # ...until the operator signs in: the next handshake carries the token.
+        browser.evaluate(f"""(() => {{
+            document.getElementById('token').value = {json.dumps(TOKEN)};
+            document.getElementById('auth-form').requestSubmit();
+            return true;
+        }})()""")
+        browser.wait_for("document.getElementById('auth-state').textContent === 'signed in'"
+                         " && page.subscription !== null", timeout=20)
+        wait_all_connected_on_screen(browser)
+        assert browser.evaluate("page.ws.protocol") == "mt5sup.v1"
+        # Signed in by the handshake: a mutating method works without an `auth` call.
+        before = runtime.log_events()[-1]["seq"]
+        browser.evaluate("document.querySelector('#tree-body tr.actor[data-actor=\"cache\"] "
+                         "button.restart').click() === undefined")
+        browser.wait_for("document.getElementById('notice').textContent === "
+                         "'actor.restart cache: ok'")
+        runtime.wait_log(lambda events: any(e["seq"] > before and e["actor"] == "cache"
+                                            for e in events))
+        snap(browser, shots, "11-full-signed-in-through-the-reserve")
+        # A dropped connection comes back the same way.
+        connections = browser.evaluate("page.connections")
+        browser.evaluate("page.ws.close() === undefined")
+        browser.wait_for(f"page.connections > {connections} && page.subscription !== null"
+                         " && page.authenticated", timeout=20)
+    finally:
+        for hog in crowd:
+            hog.close()
+    wait_all_connected_on_screen(browser)
 
 
 def test_server_text_is_shown_as_text_never_as_markup(browser: Browser) -> None:

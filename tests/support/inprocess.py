@@ -76,7 +76,7 @@ class Client:
     """A blocking JSON-RPC client; every method runs in a worker thread (``in_thread``)."""
 
     def __init__(self, url: str, *, token: str | None = None, rcvbuf: int | None = None,
-                 max_queue: int | None = 16) -> None:
+                 max_queue: int | None = 16, subprotocols: list[str] | None = None) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else None
         sock = None
         if rcvbuf is not None:  # a tiny receive window makes a non-reading client stall fast
@@ -85,6 +85,7 @@ class Client:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
             sock.connect((host, int(port)))
         self._cm = ws_client.connect(url, additional_headers=headers, sock=sock,
+                                     subprotocols=subprotocols,  # type: ignore[arg-type]
                                      max_queue=max_queue, open_timeout=5, close_timeout=0.5,
                                      max_size=16 * 1024 * 1024)
         self.ws = self._cm.__enter__()

@@ -33,13 +33,15 @@ Why it is shaped like this:
   within that too, and a connection with nothing to do (no request running, no
   subscription) is closed after ``control.idle_timeout_s``. ``control.max_connections``
   bounds the connections without a bearer header; a valid ``Authorization: Bearer`` header
-  may also use ``control.reserved_connections`` more.
+  (or, from a browser, a ``mt5sup.bearer.<base64url token>`` subprotocol) may also use
+  ``control.reserved_connections`` more.
 * Token guessing is throttled per source address, across connections (``AuthThrottle``): a
   refused check is never evaluated, so the right token is no faster to find than a wrong one.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
 import hmac
 import ipaddress
@@ -47,7 +49,7 @@ import json
 import logging
 import math
 import urllib.parse
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -111,6 +113,9 @@ AUTH_THROTTLE_SOURCES = 4096  # sources remembered; full buckets are forgotten f
 # near TARPIT_PER_SOURCE / auth_tarpit_s per source however many connections it opens.
 TARPIT_PER_SOURCE = 16
 
+# The operator's page offers both; the server answers with the first, never the second.
+PAGE_SUBPROTOCOL = "mt5sup.v1"
+BEARER_SUBPROTOCOL = "mt5sup.bearer."  # + base64url(token), no padding
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
@@ -273,6 +278,25 @@ def _bearer(headers: list[tuple[bytes, bytes]]) -> str | None:
     return _header(headers, b"authorization")
 
 
+def bearer_from_subprotocols(offered: Iterable[str]) -> str | None:
+    """``Bearer <token>`` from a ``mt5sup.bearer.<base64url(token)>`` subprotocol, else None.
+
+    Browsers cannot set an ``Authorization`` header on a WebSocket, so the operator's page
+    offers its token this way (as Kubernetes' API server takes ``base64url.bearer...``):
+    then it too may use the reserved connections when a crowd of sockets fills the rest.
+    The token is base64url because a subprotocol must be an HTTP token (no spaces or
+    separators). An entry that does not decode gives a bearer that fails the check."""
+    for entry in offered:
+        if entry.startswith(BEARER_SUBPROTOCOL):
+            encoded = entry[len(BEARER_SUBPROTOCOL):]
+            try:
+                token = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+                return "Bearer " + token.decode("utf-8")
+            except (ValueError, UnicodeDecodeError):
+                return "Bearer \ufffd"  # never equal to a token: refused and charged
+    return None
+
+
 def origin_allowed(origin: str) -> bool:
     """May a browser page from ``origin`` open the control channel?
 
@@ -335,7 +359,8 @@ class ControlServer:
                 f"cross-origin WebSocket refused: pages from {origin[:200]!r} may not use the "
                 "control channel (only pages served from this machine)\n").encode())
             return
-        header = _bearer(request.headers)
+        header = _bearer(request.headers) or bearer_from_subprotocols(
+            request.proposed_subprotocols)
         # Token check and slot reservation happen before any checkpoint: concurrent
         # handshakes cannot overshoot the limit.
         refusal = await self._check_header(header, source) if header is not None else None
@@ -353,7 +378,10 @@ class ControlServer:
         self.connections += 1
         self.metrics.control_connections = self.connections
         try:
-            ws = await request.accept()
+            # A browser fails a handshake that offered subprotocols and got none back; the
+            # bearer entry itself is never echoed.
+            ws = await request.accept(subprotocol=PAGE_SUBPROTOCOL if PAGE_SUBPROTOCOL in
+                                      request.proposed_subprotocols else None)
             self.metrics.control_connections_total += 1
             conn = Connection(self, ws, loopback=_is_loopback(request.remote),
                               authenticated=authenticated, source=source)

@@ -12,6 +12,8 @@ const HEALTH_EVERY_MS = 2000;
 const TICK_MS = 250;            // countdowns and "time in state"
 const CALL_TIMEOUT_MS = 15000;  // every request has a deadline
 const RECONNECT_MS = [250, 500, 1000, 2000, 5000];
+const PAGE_SUBPROTOCOL = "mt5sup.v1";         // the server answers with this one
+const BEARER_SUBPROTOCOL = "mt5sup.bearer.";  // + base64url(token): an authenticated handshake
 const FAULTS = {
   mt5: ["terminal_crash", "ipc_timeout", "hang", "broker_disconnect", "auth_failure",
         "autotrading_off"],
@@ -29,6 +31,7 @@ const page = {
   actors: new Map(),        // name -> runtime.status row (updated by events in between)
   order: [],
   reconnects: 0,            // failed attempts in a row (the retry delay grows)
+  retryTimer: null,
   connections: 0,           // connections opened so far
   statusRefreshes: 0,       // runtime.status answers applied so far
   statusTimer: null,
@@ -130,12 +133,29 @@ async function connect() {
     setConn("closed", `no control channel: ${err.message}`);
     return retryLater();
   }
-  const ws = new WebSocket(url);
+  // With the token, the handshake itself is authenticated (a browser cannot send an
+  // Authorization header): the page then gets in even when unauthenticated sockets fill
+  // the server, through the connections reserved for the token.
+  const withToken = page.token;
+  const protocols = [PAGE_SUBPROTOCOL];
+  if (withToken !== null) protocols.push(BEARER_SUBPROTOCOL + base64url(withToken));
+  const ws = new WebSocket(url, protocols);
   page.ws = ws;
+  let opened = false;
   ws.onmessage = (e) => onMessage(e.data);
-  ws.onopen = () => onOpen().catch((err) => notice("error", `control channel: ${err.message}`));
+  ws.onopen = () => {
+    opened = true;
+    onOpen(withToken).catch((err) => notice("error", `control channel: ${err.message}`));
+  };
   ws.onclose = () => {
     if (page.ws !== ws) return;
+    if (!opened && withToken !== null && page.token === withToken) {
+      // Refused at the handshake with the token (wrong, or even the reserved connections
+      // are taken): do not offer it again and again; the operator signs in again.
+      signedOut();
+      notice("error", "the control channel refused the connection with the token; " +
+                      "reconnecting read-only (sign in again)");
+    }
     page.ws = null;
     page.subscription = null;
     page.authenticated = false;
@@ -152,14 +172,22 @@ async function connect() {
 function retryLater() {
   const delay = RECONNECT_MS[Math.min(page.reconnects, RECONNECT_MS.length - 1)];
   page.reconnects += 1;
-  setTimeout(connect, delay);
+  page.retryTimer = setTimeout(connect, delay);
 }
 
-async function onOpen() {
+function base64url(text) {
+  const bytes = new TextEncoder().encode(text);
+  let binary = "";
+  for (const b of bytes) binary += String.fromCharCode(b);
+  return btoa(binary).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
+
+async function onOpen(withToken) {
   page.reconnects = 0;
   page.connections += 1;
   setConn("connecting", "replaying…");
-  if (page.token !== null) await authenticate(page.token);
+  if (withToken !== null && withToken === page.token) signedIn(withToken);
+  else if (page.token !== null) await authenticate(page.token);
   await subscribe();
   await refreshStatus();
 }
@@ -425,19 +453,39 @@ async function refreshHealth() {
   }
 }
 
+function signedIn(token) {
+  page.token = token;
+  page.authenticated = true;
+  $("auth-state").textContent = "signed in";
+}
+
+function signedOut() {
+  page.token = null;
+  page.authenticated = false;
+  $("auth-state").textContent = "read-only";
+}
+
 async function authenticate(token) {
   try {
     await rpc("auth", { token });
-    page.token = token;
-    page.authenticated = true;
-    $("auth-state").textContent = "signed in";
+    signedIn(token);
     return true;
   } catch (err) {
-    page.token = null;
-    page.authenticated = false;
-    $("auth-state").textContent = "read-only";
+    signedOut();
     notice("error", `auth: ${err.message}`);
     return false;
+  }
+}
+
+function signInOnNextConnection(token) {
+  // No open connection (e.g. the server is full of other sockets): connect again now,
+  // offering the token in the handshake.
+  page.token = token;
+  notice("ok", "signing in on a new connection…");
+  if (page.ws === null) {
+    clearTimeout(page.retryTimer);
+    page.reconnects = 0;
+    connect();
   }
 }
 
@@ -447,8 +495,13 @@ function main() {
   $("auth-form").addEventListener("submit", async (e) => {
     e.preventDefault();
     const input = $("token");
-    if (await authenticate(input.value)) notice("ok", "signed in: restart and faults enabled");
+    const token = input.value;
     input.value = "";
+    if (page.ws === null || page.ws.readyState !== WebSocket.OPEN) {
+      signInOnNextConnection(token);
+    } else if (await authenticate(token)) {
+      notice("ok", "signed in: restart and faults enabled");
+    }
   });
   setInterval(tick, TICK_MS);
   // Health is also refreshed with every status refresh (after each transition).

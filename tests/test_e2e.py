@@ -230,6 +230,30 @@ def test_terminal_crash_backs_off_escalates_and_recovers(
     assert tick["status"] == "ok" and tick["data"]["bid"] > 0
 
 
+def test_a_hang_longer_than_the_backoff_escalates_with_the_process_worker(
+        runtime: RuntimeProcess, rpc: Rpc, admin: Rpc) -> None:
+    """The default worker is a process, killed at each deadline the hang makes it miss; the
+    hang is the terminal's, not the process's: every attempt meets it until it is
+    released."""
+    killed_before = status_of(rpc, "mt5")["extra"]["worker_processes_killed"]
+    sub, _ = subscribe(rpc)
+    assert admin.result("sim.inject", {"fault": "hang", "duration_s": 60.0}) == {"ok": True}
+    tick = rpc.call("mt5", "symbol_info_tick", {"symbol": "EURUSD"}, timeout_s=1.0)
+    assert tick["status"] in ("error", "degraded"), tick
+    events = rpc.events(sub, lambda e: e["actor"] == "mt5" and e["kind"] == "escalated",
+                        timeout=30)
+    assert strip(events, "mt5", ESCALATION_KINDS) == expected_escalation()
+    failed = [e for e in events if e["actor"] == "mt5" and e["kind"] == "attempt_failed"]
+    assert len(failed) == 3 and all(e["error"]["code"] == "MT5_IPC_TIMEOUT" for e in failed), [
+        e["error"] for e in failed]
+    # The call, then each of the 3 attempts: a process killed at its deadline.
+    assert status_of(rpc, "mt5")["extra"]["worker_processes_killed"] == killed_before + 4
+    # Injected while mt5 is in ERROR (its process killed): taken, not refused.
+    assert admin.result("sim.inject", {"fault": "clear"}) == {"ok": True}
+    rpc.events(sub, lambda e: e["actor"] == "mt5" and e["kind"] == "recovered", timeout=10)
+    assert rpc.call("mt5", "symbol_info_tick", {"symbol": "EURUSD"})["status"] == "ok"
+
+
 # ---------------------------------------------------------------------------- a database outage
 SQL = "SELECT 42 AS answer, 'e2e' AS tag"
 

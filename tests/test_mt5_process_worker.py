@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import threading
 from pathlib import Path
@@ -19,10 +20,11 @@ import trio
 
 from actors.mt5 import codes
 from actors.mt5.actor import Mt5Ref
-from actors.mt5.process_worker import TerminalHost
+from actors.mt5.process_worker import FaultLedger, TerminalHost
 from actors.mt5.terminal_process import BackendRecipe
 from actors.mt5.worker import ABANDONED
 from supervision.errors import ErrorCode
+from supervision.events import Event
 from supervision.settings import ActorSettings
 from supervision.supervisor import Supervisor
 from tests.support.actors import Recorder
@@ -79,6 +81,8 @@ async def test_a_hung_call_kills_the_process_and_a_fresh_one_takes_over(tmp_path
         await host.inject("hang")  # reaches the simulator in the child, over the pipe
         r = await ref.symbol_info_tick("EURUSD", timeout_s=DEADLINE_S)
         assert r.error is not None and r.error.code is ErrorCode.TIMEOUT
+        # A hang lasts until released, whichever process meets it: release it.
+        await host.inject("clear")
         # The deadline is a lost terminal: the running call is cancelled, its process
         # killed and reaped before the reconnect starts.
         await rec.wait_for(lambda e: e.kind == "state_changed"
@@ -166,3 +170,102 @@ async def test_an_inject_reaches_the_simulator_while_a_call_hangs_in_it(tmp_path
             await host.inject("clear")  # read by the child while it waits
         assert answers[0].ok  # type: ignore[attr-defined]
         assert host.pid == pid and host.killed == 0
+
+
+# ---------------------------------------------------------------------------- the terminal's
+# world outlives a killed process: faults in force and the trade server's account
+async def test_a_hang_lasts_its_duration_though_the_process_meeting_it_was_killed(tmp_path):
+    async with terminal(tmp_path) as (_sup, ref, host, rec):
+        injected_at = trio.current_time()
+        await host.inject("hang", duration_s=2.0)
+        r = await ref.symbol_info_tick("EURUSD", timeout_s=DEADLINE_S)
+        assert r.error is not None and r.error.code is ErrorCode.TIMEOUT
+        await rec.wait_for(lambda e: e.kind == "state_changed"
+                           and e.data["reason"] == "attempt 1 ok", timeout=30.0)
+        back_after = trio.current_time() - injected_at
+        assert host.killed == 1 and host.started == 2
+        # The new process met the same hang (for what was left of it): the reconnect could
+        # not succeed before the 2 s were up, though the first process died at 0.5 s.
+        assert back_after >= 2.0 - 0.05, back_after
+        assert (await ref.symbol_info_tick("EURUSD")).ok
+
+
+async def test_a_fault_injected_while_the_process_is_replaced_is_kept_for_the_next(tmp_path):
+    async with terminal(tmp_path) as (_sup, ref, host, rec):
+        pid = host.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        r = await ref.symbol_info_tick("EURUSD")
+        assert r.error is not None and r.error.code is ErrorCode.MT5_IPC_FAILED
+        # No process, or a new one starting: either way the fault is taken, not refused.
+        await host.inject("autotrading_off")
+        await host.inject("market_retcode", retcode=codes.TRADE_RETCODE_REQUOTE)
+        await rec.wait_for(lambda e: e.kind == "state_changed"
+                           and e.data["reason"] == "attempt 1 ok", timeout=30.0)
+        r = await ref.order_send(BUY)
+        assert r.error is not None and r.error.code is ErrorCode.AUTOTRADING_DISABLED
+        await host.inject("clear")
+        assert (await ref.order_send(BUY)).ok  # clear ended the retcode fault too
+
+
+async def test_the_account_survives_a_killed_terminal_process(tmp_path):
+    """Positions, orders, deals and the balance live on the broker's server: a terminal
+    process killed (here by a hang at a call's deadline, then by SIGKILL) loses none."""
+    async with terminal(tmp_path) as (_sup, ref, host, rec):
+        opened = [await ref.order_send(BUY) for _ in range(2)]
+        assert all(r.ok for r in opened)
+        before = await ref.positions_get(symbol="EURUSD")
+        deals = await ref.history_deals_get(0, 2**31 - 1)
+        account = await ref.account_info()
+        assert before.ok and len(before.data) == 2 and deals.ok and account.ok
+
+        await host.inject("hang")
+        r = await ref.symbol_info_tick("EURUSD", timeout_s=DEADLINE_S)
+        assert r.error is not None and r.error.code is ErrorCode.TIMEOUT
+        await host.inject("clear")
+
+        def recovered(e: Event) -> bool:
+            # "attempt 2 ok" the second time: within stable_s of a recovery, the budget
+            # goes on.
+            return e.kind == "state_changed" and bool(
+                re.fullmatch(r"attempt \d ok", e.data["reason"] or ""))
+
+        first = await rec.wait_for(recovered, timeout=30.0)
+        pid = host.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        assert not (await ref.symbol_info_tick("EURUSD")).ok
+        await rec.wait_for(lambda e: recovered(e) and e.seq > first.seq, timeout=30.0)
+        assert host.started == 3
+
+        def held(positions: tuple) -> list[tuple]:
+            # What the broker holds (price_current and profit move with the market).
+            return [(p.ticket, p.type, p.volume, p.price_open, p.time_msc) for p in positions]
+
+        after = await ref.positions_get(symbol="EURUSD")
+        assert after.ok and held(after.data) == held(before.data)
+        assert (await ref.history_deals_get(0, 2**31 - 1)).data == deals.data
+        assert (await ref.account_info()).data.balance == account.data.balance
+        # Tickets go on from where they were: never a ticket the broker already gave.
+        third = await ref.order_send(BUY)
+        assert third.ok and third.data.order > max(r.data.order for r in opened)
+        assert len((await ref.positions_get(symbol="EURUSD")).data) == 3
+
+
+def test_the_fault_ledger_replays_conditions_with_what_is_left_and_counted_faults_once():
+    now = [100.0]
+    ledger = FaultLedger(clock=lambda: now[0])
+    ledger.record("hang", None, {}, delivered=True)
+    ledger.record("ipc_timeout", 5.0, {}, delivered=True)
+    ledger.record("lost_reply", None, {"count": 2}, delivered=True)  # used by its process
+    ledger.record("market_retcode", None, {"retcode": 10004}, delivered=False)
+    now[0] = 102.0
+    assert ledger.replay() == [("hang", None, {}), ("ipc_timeout", 3.0, {}),
+                               ("market_retcode", None, {"retcode": 10004})]
+    # The counted fault reached that process: it is not handed to the one after.
+    now[0] = 106.0  # and the timed one has ended
+    assert ledger.replay() == [("hang", None, {})]
+    ledger.record("broker_disconnect", None, {}, delivered=True)  # heals by itself
+    assert ledger.replay() == [("hang", None, {}), ("broker_disconnect", 10.0, {})]
+    ledger.record("clear", None, {}, delivered=True)
+    assert ledger.replay() == []

@@ -19,6 +19,12 @@ Rules:
   ``initialize``) reuses it, so a simulated terminal keeps its account and its injected
   faults across restarts. The host is closed by its owner (the runtime, at shutdown).
 * A child that dies by itself (EOF on the pipe) is reaped and reported as ``WorkerLost``.
+* What belongs to the terminal's world, not to one process, outlives a killed one: the
+  simulator's injected faults (a ``hang`` or ``ipc_timeout`` for 60 s lasts 60 s, though
+  the worker that met it first was killed at its deadline) and its trade server's account
+  (positions, orders, deals, balance: a broker keeps them when a terminal dies). The host
+  keeps both and hands them to each new process before its first call. A fault injected
+  while no process runs (it is being replaced) is kept for the next one, not refused.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import pickle
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import trio
@@ -58,6 +65,8 @@ class TerminalHost:
         self._send_lock = trio.Lock()  # a call and an inject may send at once
         self._generation = 0  # bumped on every kill: old workers are wedged for good
         self._closed = False
+        self._faults = FaultLedger()
+        self._account: dict[str, Any] | None = None  # the simulator's trade server's side
 
     # ------------------------------------------------------------------ public
     def worker(self) -> ProcessWorker:
@@ -89,12 +98,18 @@ class TerminalHost:
         from actors.mt5.simulator import TerminalSimulator
 
         TerminalSimulator(clock=time.monotonic).inject(fault, duration_s=duration_s, **params)
+        if self._closed:
+            raise ValueError(f"the {self.name} terminal host is closed")
         process = self._process
-        if process is None or process.returncode is not None or self._closed:
-            raise ValueError(f"the {self.name} terminal process is not running "
-                             "(it is being replaced); try again")
+        running = process is not None and process.returncode is None
+        self._faults.record(fault, duration_s, params, delivered=running)
+        if process is None or not running:
+            return  # the next process gets it before its first call (_spawn)
         # The child's reader thread applies it at once, even during a hung call.
-        await self._send(process, ("inject", next(self._ids), fault, duration_s, params))
+        try:
+            await self._send(process, ("inject", next(self._ids), fault, duration_s, params))
+        except WorkerLost:  # it died meanwhile: the fault is for the next process
+            self._faults.record(fault, duration_s, params, delivered=False)
 
     async def start(self, timeout_s: float = 60.0) -> None:
         """Spawn the process ahead of the actor's first connect, so that its deadline does not
@@ -142,7 +157,9 @@ class TerminalHost:
                 await self._send(process, ("call", call_id, name, args, kwargs))
                 while True:
                     reply = await self._receive(process)
-                    if reply[1] == call_id:
+                    if reply[0] == "account":
+                        self._account = merged_account(self._account, reply[2])
+                    elif reply[1] == call_id:
                         return reply
             except WorkerLost:
                 raise
@@ -166,6 +183,11 @@ class TerminalHost:
             await self._kill()
             raise WorkerLost(f"the terminal worker process said {ready[0]!r} at start")
         self._server_time_offset = ready[1]
+        # The terminal's world as the last process left it, before any call.
+        if self._account is not None:
+            await self._send(process, ("restore", next(self._ids), self._account))
+        for fault, duration_s, params in self._faults.replay():
+            await self._send(process, ("inject", next(self._ids), fault, duration_s, params))
         return process
 
     async def _send(self, process: trio.Process, message: Any) -> None:
@@ -214,6 +236,67 @@ class TerminalHost:
         for stream in (process.stdin, process.stdout):
             if stream is not None:
                 await stream.aclose()
+
+
+# Faults a process can use up (one per order): delivered once, never replayed.
+_COUNTED_FAULTS = frozenset({"market_retcode", "lost_reply"})
+
+
+class FaultLedger:
+    """The simulator faults in force, kept by the host across worker processes.
+
+    Conditions (``hang``, ``ipc_timeout``, ``terminal_crash``, ...) are replayed into every
+    new process with what is left of their duration; a counted fault (``market_retcode``,
+    ``lost_reply``) belongs to the process it reached, and is replayed only if it was
+    injected while no process ran. ``clear`` forgets them all, as it does in the simulator.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        # fault -> (ends at, or None until cleared; params; delivered to a process)
+        self._faults: dict[str, tuple[float | None, dict[str, Any], bool]] = {}
+
+    def record(self, fault: str, duration_s: float | None, params: Mapping[str, Any], *,
+               delivered: bool) -> None:
+        if fault == "clear":
+            self._faults.clear()
+            return
+        if fault == "broker_disconnect" and duration_s is None:
+            from actors.mt5.simulator import BROKER_RECONNECT_S
+
+            duration_s = BROKER_RECONNECT_S  # it heals by itself, as in the simulator
+        ends = None if duration_s is None else self._clock() + duration_s
+        self._faults.pop(fault, None)  # re-inserted last: replayed in injection order
+        self._faults[fault] = (ends, dict(params), delivered)
+
+    def replay(self) -> list[tuple[str, float | None, dict[str, Any]]]:
+        """(fault, remaining duration or None, params) for a new process, in order."""
+        now = self._clock()
+        due = []
+        for fault, (ends, params, delivered) in list(self._faults.items()):
+            if ends is not None and ends <= now:
+                del self._faults[fault]
+                continue
+            if fault in _COUNTED_FAULTS:
+                if delivered:
+                    del self._faults[fault]
+                    continue
+                self._faults[fault] = (ends, params, True)
+            due.append((fault, None if ends is None else ends - now, params))
+        return due
+
+
+def merged_account(known: dict[str, Any] | None, update: Mapping[str, Any]
+                   ) -> dict[str, Any]:
+    """The account so far plus an ``account_state`` update (whose history is only what is
+    new since the last one)."""
+    merged = dict(update)
+    # Extended in place: the history only grows, and an order must not copy all of it.
+    merged["history_orders"] = known["history_orders"] if known is not None else []
+    merged["deals"] = known["deals"] if known is not None else []
+    merged["history_orders"].extend(update["history_orders"])
+    merged["deals"].extend(update["deals"])
+    return merged
 
 
 class ProcessWorker:

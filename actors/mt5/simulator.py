@@ -32,7 +32,7 @@ import numbers
 import operator
 import re
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Concatenate, Final, ParamSpec, TypeVar, cast
 
@@ -951,6 +951,45 @@ class TerminalSimulator:
             if seconds == 0.0 and hang is None:
                 return NO_DELAY
             return CallDelay(seconds=seconds, hang=hang)
+
+    # ----------------------------------------------------------------- the trade server's side
+
+    def account_state(self, *, history_from: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+        """What the trade server keeps for the account, as plain picklable data.
+
+        A real terminal that dies loses nothing of the account: positions, orders, deals and
+        the balance live on the broker's server. The simulator plays both, so when the
+        process worker kills a wedged terminal, its host restores this into the next one
+        (``restore_account``). ``history_from`` = (history orders, deals) already taken:
+        only newer ones are included, so that an update stays small however long the
+        history grows (``history_lengths`` says where the next one starts)."""
+        orders_from, deals_from = history_from
+        with self._lock:
+            return {
+                "balance": self._balance,
+                "positions": tuple(self._positions.values()),
+                "pending_orders": tuple(self._pending_orders.values()),
+                "history_orders": tuple(self._history_orders[orders_from:]),
+                "deals": tuple(self._deals[deals_from:]),
+                "history_lengths": (len(self._history_orders), len(self._deals)),
+                "next_order_ticket": self._next_order_ticket,
+                "next_deal_ticket": self._next_deal_ticket,
+                "next_request_id": self._next_request_id,
+                "orders_sent_count": self._orders_sent_count,
+            }
+
+    def restore_account(self, state: Mapping[str, Any]) -> None:
+        """The account as ``account_state()`` (from 0, or merged updates) described it."""
+        with self._lock:
+            self._balance = float(state["balance"])
+            self._positions = {p.ticket: p for p in state["positions"]}
+            self._pending_orders = {o.ticket: o for o in state["pending_orders"]}
+            self._history_orders = list(state["history_orders"])
+            self._deals = list(state["deals"])
+            self._next_order_ticket = int(state["next_order_ticket"])
+            self._next_deal_ticket = int(state["next_deal_ticket"])
+            self._next_request_id = int(state["next_request_id"])
+            self._orders_sent_count = int(state["orders_sent_count"])
 
     @property
     def faults(self) -> frozenset[str]:

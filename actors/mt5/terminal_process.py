@@ -10,11 +10,13 @@ where the real ``MetaTrader5`` package lives, and trio reads them without a thre
 
 Protocol: frames of an 8-byte little-endian length and a pickle.
 
-* parent -> child: first the ``BackendRecipe``; then ``("call", id, name, args, kwargs)``
-  and ``("inject", id, fault, duration_s, params)``;
+* parent -> child: first the ``BackendRecipe``; then ``("call", id, name, args, kwargs)``,
+  ``("inject", id, fault, duration_s, params)`` and ``("restore", id, account)``;
 * child -> parent: ``("ready", server_time_offset)`` once, then ``("ok", id, result,
-  last_error)`` or ``("raised", id, exception)``; injects get no answer (the parent has
-  validated them).
+  last_error)`` or ``("raised", id, exception)``; injects and restores get no answer (the
+  parent has validated them). A simulator also sends ``("account", id, update)`` before
+  the answer to every ``order_send``: what the trade server now holds (new history only),
+  which the parent restores into the next process if this one is killed.
 
 One thread runs everything, in order: a call, then the next frame. While a call waits
 (the simulator's ``slow``, ``ipc_timeout`` or ``hang`` fault) it keeps reading frames, so
@@ -187,6 +189,7 @@ class Terminal:
         # down is an answer (TransportLost), not a dead process. The rest build now.
         self.backend: Any = None if recipe.kind == "mt5linux" else build_backend(recipe)
         self._calls: list[tuple[Any, ...]] = []  # arrived while a call waited (not expected)
+        self._history_sent = (0, 0)  # history orders and deals the parent already has
 
     def send(self, message: tuple[Any, ...]) -> None:
         self.outbox.write(frame(message))
@@ -201,8 +204,19 @@ class Terminal:
             _, _call_id, fault, duration_s, params = message
             with contextlib.suppress(ValueError, AttributeError):
                 self.backend.inject(fault, duration_s=duration_s, **params)
+        elif message[0] == "restore":
+            self.backend.restore_account(message[2])
+            self._history_sent = message[2]["history_lengths"]
         else:
             self._calls.append(message)
+
+    def send_account_update(self, call_id: int) -> None:
+        state = getattr(self.backend, "account_state", None)
+        if state is None:
+            return  # a real terminal: the broker keeps the account
+        update = state(history_from=self._history_sent)
+        self._history_sent = update["history_lengths"]
+        self.send(("account", call_id, update))
 
     def wait_before(self, name: str) -> None:
         """The simulator says how long a call takes (slow, ipc_timeout, hang); a real
@@ -237,6 +251,8 @@ class Terminal:
                 self.wait_before(name)
                 result = getattr(self.backend, name)(*args, **kwargs)
                 error = self.backend.last_error()
+                if name == "order_send":
+                    self.send_account_update(call_id)
             except Exception as exc:  # TypeError/SystemError from the package: an answer
                 lost = transport_failure(exc)
                 if lost is not None:

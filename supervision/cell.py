@@ -487,7 +487,10 @@ class ActorCell:
                                            info, now):
             await self._emit(message)
         if Action.ESCALATE in actions:
-            await self._run_escalate_hook(info)
+            # The hook hears of the escalation: the state it names is the one just entered
+            # (the failure itself happened in the state before, as its events say).
+            await self._run_escalate_hook(
+                None if info is None else attrs.evolve(info, state=str(new.state)))
 
     async def _run_escalate_hook(self, info: ErrorInfo | None) -> None:
         hook = self._on_escalate

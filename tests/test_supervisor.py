@@ -442,6 +442,7 @@ async def test_on_escalate_is_called_once_per_escalation(tmp_path, autojump_cloc
         assert rel([c[2] for c in spec_calls], t.t0) == [7.5]
         name, info, _ = tree_calls[0]
         assert name == "db" and info.code == ErrorCode.DB_UNAVAILABLE and info.message
+        assert info.actor == "db" and info.state == "ERROR"  # the state it escalated to
         t.drain()
         await t.sup.restart_child("db")
         await t.wait("db", "escalated")

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import textwrap
@@ -210,9 +211,10 @@ async def test_events_wait_in_the_log_while_the_database_is_down(
 
 async def test_a_lost_log_and_mark_never_number_below_what_the_table_holds(
         tmp_path: Path, pg_dsn: str) -> None:
-    # The log and its high-water mark both gone while the database kept its rows: numbering
-    # on from 1 would reuse stored seqs, and every new event up to the table's max(seq)
-    # would be skipped as already persisted. The store moves the numbering above it.
+    # The log and its high-water mark both gone (a fresh state directory) while the database
+    # kept its rows: numbering on from 1 would reuse stored seqs, and those events would be
+    # skipped as already persisted. The runtime reads the table's max(seq) before its first
+    # event and numbers above it from the start.
     state_dir = tmp_path / "var"
     async with persisting_runtime(state_dir, pg_dsn) as rt:
         await rt.inject("terminal_crash")
@@ -223,7 +225,6 @@ async def test_a_lost_log_and_mark_never_number_below_what_the_table_holds(
     (state_dir / "events.jsonl").unlink()
     (state_dir / "events.jsonl.hwm").unlink()
     async with persisting_runtime(state_dir, pg_dsn) as rt:
-        await eventually(lambda: rt.supervisor.log.last_seq > first_run, within_s=10)
         await rt.inject("terminal_crash")
         await trio.sleep(0.3)
         await rt.inject("clear")
@@ -233,18 +234,31 @@ async def test_a_lost_log_and_mark_never_number_below_what_the_table_holds(
         seqs = [r["seq"] for r in rows]
         assert len(seqs) == len(set(seqs))  # nothing doubled
         lines = log_lines(state_dir)
-        # Every event of the second run is in the table, each above the first run's.
-        after = [seq for seq in lines if seq > first_run]
-        assert after and max(after) == last
-        assert set(after) <= set(seqs)
-        # The events logged before the floor moved reused low seqs: those and only those
-        # are not in the table (they were numbered before the table could be read).
-        reused = sorted(seq for seq in lines if seq <= first_run)
-        jump = [json.loads(lines[s]) for s in after
-                if json.loads(lines[s])["kind"] == "eventlog_replaced"]
-        assert jump and jump[0]["data"]["what"] == "behind_database"
-        assert jump[0]["data"]["continues_at"] == first_run + 1
-        assert len(reused) < 40, reused
+        # Every event of the second run is above the first run's, and in the table.
+        assert min(lines) == first_run + 1 and max(lines) == last, (first_run, min(lines))
+        assert set(lines) <= set(seqs)
+        assert all(r["payload"] == lines[r["seq"]] for r in rows if r["seq"] > first_run)
+        # The first event says why numbering jumped.
+        first = json.loads(lines[first_run + 1])
+        assert first["kind"] == "eventlog_replaced", first
+        assert first["data"]["what"] == "behind_database"
+        assert first["data"]["continues_at"] == first_run + 1
+
+
+async def test_with_the_database_down_a_fresh_log_starts_after_a_short_wait(
+        tmp_path: Path) -> None:
+    """The table cannot be read (nothing listens): start is held up at most the bound, and
+    numbering starts from the log (the event store checks again once it gets through)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens on it once closed
+    dsn = f"postgresql://u:secret-pw@127.0.0.1:{port}/db"
+    started = trio.current_time()
+    async with persisting_runtime(tmp_path / "var", dsn,
+                                  questdb={"connect_timeout_s": 1.0}) as rt:
+        assert trio.current_time() - started < 10
+        await eventually(lambda: rt.supervisor.log.last_seq >= 1, within_s=10)
+        assert rt.supervisor.log.read_since(0)[0].seq == 1
 
 
 async def test_replays_are_idempotent(tmp_path: Path, pg_dsn: str) -> None:

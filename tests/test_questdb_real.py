@@ -353,6 +353,27 @@ async def test_every_event_reaches_questdb_exactly_once_and_matches_the_log(
         assert_exactly_once(seqs, rt.supervisor.log.last_seq)
 
 
+async def test_a_fresh_state_directory_numbers_above_what_questdb_holds(
+        tmp_path: Path, questdb: QuestdbServer) -> None:
+    """A runtime whose state directory was lost (or a new one) on a QuestDB that kept the
+    table: its first event is numbered above the table, so every event lands exactly once
+    (numbering from 1 would reuse stored seqs, and those events would never land)."""
+    await drop_events_table(questdb)
+    async with questdb_runtime(tmp_path / "first", questdb.dsn) as rt:
+        await persisted_up_to_log(rt, questdb)
+        first_last = rt.supervisor.log.last_seq
+    async with questdb_runtime(tmp_path / "second", questdb.dsn) as rt:
+        seqs = await persisted_up_to_log(rt, questdb)
+        second_last = rt.supervisor.log.last_seq
+        assert_exactly_once(seqs, second_last)
+    second = log_lines(tmp_path / "second")
+    assert min(second) == first_last + 1, (first_last, min(second))
+    rows = await exec_rows(questdb, f"SELECT seq, payload FROM {TABLE} WHERE seq > "
+                                    f"{first_last} AND seq <= {second_last} ORDER BY seq")
+    assert [r["seq"] for r in rows] == list(range(first_last + 1, second_last + 1))
+    assert all(r["payload"] == second[r["seq"]] for r in rows)
+
+
 async def test_a_dropped_table_is_created_again_and_refilled_from_the_log(
         tmp_path: Path, questdb: QuestdbServer) -> None:
     await drop_events_table(questdb)

@@ -236,6 +236,8 @@ async def open_runtime(
     store = TtlCache(ttl_s=cache["ttl_s"], max_entries=cache["max_entries"],
                      max_bytes=cache["max_bytes"], max_entry_bytes=cache["max_entry_bytes"])
     try:
+        if event_log.last_seq == 0:
+            await _start_above_the_events_table(config, event_log)
         async with trio.open_nursery() as nursery:
             sup = Supervisor(log=event_log, lkg=store, on_escalate=on_escalate,
                              subscriber_buffer=config["runtime"]["subscriber_buffer"])
@@ -269,6 +271,22 @@ async def open_runtime(
                 nursery.cancel_scope.cancel()
     finally:
         event_log.close()
+
+
+async def _start_above_the_events_table(config: RuntimeConfig, event_log: EventLog) -> None:
+    """A log starting from nothing, with an external database that may keep the table from
+    before (the state directory was lost): number above what it holds, from the first
+    event (actors/questdb/seq_floor.py). The embedded database lives in the state
+    directory: if that was lost, so was its table."""
+    q = config["questdb"]
+    if not (q["enabled"] and q["persist_events"] and q["dsn"]):
+        return
+    from actors.questdb.seq_floor import persisted_max_seq
+
+    held = await persisted_max_seq(q["dsn"], timeout_s=min(5.0, q["connect_timeout_s"]))
+    if held:
+        event_log.raise_floor(held, f"the events table already holds seq {held} and this "
+                                    "log starts from nothing (the state directory was lost)")
 
 
 def _shutdown_bound(config: RuntimeConfig) -> float:

@@ -240,7 +240,8 @@ def test_many_clients_and_a_stalled_subscriber_do_not_slow_the_supervisor(
     schedule = attempt_schedule(mt5[crash_at:], "mt5")
     assert [delay for delay, _, _ in schedule] == list(BACKOFF)
     for delay, observed, late in schedule:
-        assert abs(observed - delay) <= TOLERANCE_S, schedule
+        # Two-sided, so bounded by half the delay too: a delay cannot pass for another.
+        assert abs(observed - delay) <= min(TOLERANCE_S, delay / 2), schedule
         assert -1e-6 <= late <= TOLERANCE_S, schedule
     assert time.monotonic() - started < TIME_LIMIT_S
     print(f"\n{CLIENTS} clients: {sum(result['sent'])} requests in {result['elapsed']:.1f} s "

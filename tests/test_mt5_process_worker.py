@@ -177,7 +177,7 @@ async def test_an_inject_reaches_the_simulator_while_a_call_hangs_in_it(tmp_path
 async def test_a_hang_lasts_its_duration_though_the_process_meeting_it_was_killed(tmp_path):
     async with terminal(tmp_path) as (_sup, ref, host, rec):
         injected_at = trio.current_time()
-        await host.inject("hang", duration_s=2.0)
+        await host.inject("hang", duration_s=5.0)
         r = await ref.symbol_info_tick("EURUSD", timeout_s=DEADLINE_S)
         assert r.error is not None and r.error.code is ErrorCode.TIMEOUT
         await rec.wait_for(lambda e: e.kind == "state_changed"
@@ -185,8 +185,9 @@ async def test_a_hang_lasts_its_duration_though_the_process_meeting_it_was_kille
         back_after = trio.current_time() - injected_at
         assert host.killed == 1 and host.started == 2
         # The new process met the same hang (for what was left of it): the reconnect could
-        # not succeed before the 2 s were up, though the first process died at 0.5 s.
-        assert back_after >= 2.0 - 0.05, back_after
+        # not succeed before the 5 s were up, though the first process died at 0.5 s (and a
+        # respawn takes well under a second, even on a loaded machine).
+        assert back_after >= 5.0 - 0.05, back_after
         assert (await ref.symbol_info_tick("EURUSD")).ok
 
 
@@ -197,15 +198,14 @@ async def test_a_fault_injected_while_the_process_is_replaced_is_kept_for_the_ne
         os.kill(pid, signal.SIGKILL)
         r = await ref.symbol_info_tick("EURUSD")
         assert r.error is not None and r.error.code is ErrorCode.MT5_IPC_FAILED
-        # No process, or a new one starting: either way the fault is taken, not refused.
-        await host.inject("autotrading_off")
+        # No process, or a new one starting: either way the fault is taken, not refused,
+        # and a counted fault injected now is used by the next process.
         await host.inject("market_retcode", retcode=codes.TRADE_RETCODE_REQUOTE)
         await rec.wait_for(lambda e: e.kind == "state_changed"
                            and e.data["reason"] == "attempt 1 ok", timeout=30.0)
         r = await ref.order_send(BUY)
-        assert r.error is not None and r.error.code is ErrorCode.AUTOTRADING_DISABLED
-        await host.inject("clear")
-        assert (await ref.order_send(BUY)).ok  # clear ended the retcode fault too
+        assert r.error is not None and r.reason == "retcode_10004", r  # a requote
+        assert (await ref.order_send(BUY)).ok  # used up: once
 
 
 async def test_the_account_survives_a_killed_terminal_process(tmp_path):
@@ -255,17 +255,23 @@ async def test_the_account_survives_a_killed_terminal_process(tmp_path):
 def test_the_fault_ledger_replays_conditions_with_what_is_left_and_counted_faults_once():
     now = [100.0]
     ledger = FaultLedger(clock=lambda: now[0])
-    ledger.record("hang", None, {}, delivered=True)
-    ledger.record("ipc_timeout", 5.0, {}, delivered=True)
-    ledger.record("lost_reply", None, {"count": 2}, delivered=True)  # used by its process
-    ledger.record("market_retcode", None, {"retcode": 10004}, delivered=False)
+    ledger.record("hang", None, {})
+    ledger.record("ipc_timeout", 5.0, {})
+    ledger.record("lost_reply", None, {"count": 2})
+    ledger.record("market_retcode", None, {"retcode": 10004})
+    # Three reached a running process; the retcode fault was injected while none ran.
+    ledger.delivered(["hang", "ipc_timeout", "lost_reply"])
     now[0] = 102.0
-    assert ledger.replay() == [("hang", None, {}), ("ipc_timeout", 3.0, {}),
-                               ("market_retcode", None, {"retcode": 10004})]
+    due = ledger.replay()
+    assert due == [("hang", None, {}), ("ipc_timeout", 3.0, {}),
+                   ("market_retcode", None, {"retcode": 10004})]
+    # Not yet sent (the new process died first, say): offered again to the one after.
+    assert ledger.replay() == due
+    ledger.delivered([fault for fault, _, _ in due])
     # The counted fault reached that process: it is not handed to the one after.
     now[0] = 106.0  # and the timed one has ended
     assert ledger.replay() == [("hang", None, {})]
-    ledger.record("broker_disconnect", None, {}, delivered=True)  # heals by itself
+    ledger.record("broker_disconnect", None, {})  # heals by itself
     assert ledger.replay() == [("hang", None, {}), ("broker_disconnect", 10.0, {})]
-    ledger.record("clear", None, {}, delivered=True)
+    ledger.record("clear", None, {})
     assert ledger.replay() == []

@@ -132,12 +132,14 @@ def test_environment_overrides_reach_a_terminal_the_file_declares():
     ({"MT5SUP_MT5_TERMINALS_ACCT9_LOGIN": "9"},
      ["MT5SUP_MT5_TERMINALS_ACCT9_LOGIN", "acct2"]),  # env adjusts, never creates
     ({"MT5SUP_MT5_TERMINALS_ACCT2_LOGON": "9"}, ["MT5SUP_MT5_TERMINALS_ACCT2_LOGON"]),
-    ({"MT5SUP_MT5_TERMINALS_ACCT2_LOGIN": "two"},
-     ["mt5.terminals.acct2.login", "MT5SUP_MT5_TERMINALS_ACCT2_LOGIN"]),
+    ({"MT5SUP_MT5_TERMINALS_ACCT2_LOGIN": "two"}, ["MT5SUP_MT5_TERMINALS_ACCT2_LOGIN"]),
+    ({"MT5SUP_MT5_TERMINALS_ACCT2_LOGIN": "2"},
+     ["MT5SUP_MT5_TERMINALS_ACCT2_LOGIN", "Acct2 and acct2"]),  # which one? refused
 ])
 def test_bad_terminal_environment_overrides_are_refused_naming_the_variable(env, words):
     with pytest.raises(ConfigError) as refused:
-        RuntimeConfig.from_mapping({"mt5": {"terminals": {"acct2": {"login": 2}}}},
+        RuntimeConfig.from_mapping({"mt5": {"terminals": {"acct2": {"login": 2},
+                                                          "Acct2": {"login": 3}}}},
                                    source="x.toml", env=env)
     for word in words:
         assert word in str(refused.value)

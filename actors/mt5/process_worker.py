@@ -29,12 +29,13 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import pickle
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import trio
@@ -100,16 +101,14 @@ class TerminalHost:
         TerminalSimulator(clock=time.monotonic).inject(fault, duration_s=duration_s, **params)
         if self._closed:
             raise ValueError(f"the {self.name} terminal host is closed")
+        self._faults.record(fault, duration_s, params)
         process = self._process
-        running = process is not None and process.returncode is None
-        self._faults.record(fault, duration_s, params, delivered=running)
-        if process is None or not running:
+        if process is None or process.returncode is not None:
             return  # the next process gets it before its first call (_spawn)
         # The child's reader thread applies it at once, even during a hung call.
-        try:
+        with contextlib.suppress(WorkerLost):  # it died meanwhile: for the next process
             await self._send(process, ("inject", next(self._ids), fault, duration_s, params))
-        except WorkerLost:  # it died meanwhile: the fault is for the next process
-            self._faults.record(fault, duration_s, params, delivered=False)
+            self._faults.delivered([fault])
 
     async def start(self, timeout_s: float = 60.0) -> None:
         """Spawn the process ahead of the actor's first connect, so that its deadline does not
@@ -183,20 +182,26 @@ class TerminalHost:
             await self._kill()
             raise WorkerLost(f"the terminal worker process said {ready[0]!r} at start")
         self._server_time_offset = ready[1]
-        # The terminal's world as the last process left it, before any call.
+        # The terminal's world as the last process left it, before any call. One write: an
+        # inject (say a clear) arriving meanwhile cannot land between the replayed faults.
+        due = self._faults.replay()
+        messages: list[Any] = [("inject", next(self._ids), fault, duration_s, params)
+                               for fault, duration_s, params in due]
         if self._account is not None:
-            await self._send(process, ("restore", next(self._ids), self._account))
-        for fault, duration_s, params in self._faults.replay():
-            await self._send(process, ("inject", next(self._ids), fault, duration_s, params))
+            messages.insert(0, ("restore", next(self._ids), self._account))
+        if messages:
+            await self._send(process, *messages)
+            self._faults.delivered([fault for fault, _, _ in due])
         return process
 
-    async def _send(self, process: trio.Process, message: Any) -> None:
+    async def _send(self, process: trio.Process, *messages: Any) -> None:
         assert process.stdin is not None
         async with self._send_lock:
             try:
-                await process.stdin.send_all(frame(message))
+                await process.stdin.send_all(b"".join(frame(m) for m in messages))
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                await self._kill()
+                if self._process is process:  # not a newer one started meanwhile
+                    await self._kill()
                 raise WorkerLost(f"the terminal worker process is gone "
                                  f"({type(exc).__name__})") from None
 
@@ -256,8 +261,8 @@ class FaultLedger:
         # fault -> (ends at, or None until cleared; params; delivered to a process)
         self._faults: dict[str, tuple[float | None, dict[str, Any], bool]] = {}
 
-    def record(self, fault: str, duration_s: float | None, params: Mapping[str, Any], *,
-               delivered: bool) -> None:
+    def record(self, fault: str, duration_s: float | None, params: Mapping[str, Any]
+               ) -> None:
         if fault == "clear":
             self._faults.clear()
             return
@@ -267,21 +272,23 @@ class FaultLedger:
             duration_s = BROKER_RECONNECT_S  # it heals by itself, as in the simulator
         ends = None if duration_s is None else self._clock() + duration_s
         self._faults.pop(fault, None)  # re-inserted last: replayed in injection order
-        self._faults[fault] = (ends, dict(params), delivered)
+        self._faults[fault] = (ends, dict(params), False)
+
+    def delivered(self, faults: Iterable[str]) -> None:
+        """These reached a process (its pipe took them): a counted one is that process's."""
+        for fault in faults:
+            if fault in self._faults:
+                ends, params, _ = self._faults[fault]
+                self._faults[fault] = (ends, params, True)
 
     def replay(self) -> list[tuple[str, float | None, dict[str, Any]]]:
         """(fault, remaining duration or None, params) for a new process, in order."""
         now = self._clock()
         due = []
         for fault, (ends, params, delivered) in list(self._faults.items()):
-            if ends is not None and ends <= now:
+            if (ends is not None and ends <= now) or (delivered and fault in _COUNTED_FAULTS):
                 del self._faults[fault]
                 continue
-            if fault in _COUNTED_FAULTS:
-                if delivered:
-                    del self._faults[fault]
-                    continue
-                self._faults[fault] = (ends, params, True)
             due.append((fault, None if ends is None else ends - now, params))
         return due
 

@@ -211,9 +211,9 @@ class Terminal:
             self._calls.append(message)
 
     def send_account_update(self, call_id: int) -> None:
-        state = getattr(self.backend, "account_state", None)
-        if state is None:
+        if self.recipe.kind != "simulator":
             return  # a real terminal: the broker keeps the account
+        state = self.backend.account_state
         update = state(history_from=self._history_sent)
         self._history_sent = update["history_lengths"]
         self.send(("account", call_id, update))

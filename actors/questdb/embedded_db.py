@@ -224,8 +224,12 @@ class EmbeddedDatabase:
         self.server.start(timeout_s=timeout_s, abort=abort)
         verifiers = {role: scram_verifier(pw) for role, pw in self.passwords.items()}
         cluster, database = provisioning_sql(verifiers, self.statement_timeout_ms)
-        self.server.psql(cluster, timeout_s=timeout_s)
-        self.server.psql(database, database=DATABASE, timeout_s=timeout_s)
+        for sql, db in ((cluster, "postgres"), (database, DATABASE)):
+            if abort is not None and abort.is_set():
+                # Given up on: leave nothing running (the next start provisions again).
+                self.server.kill()
+                raise EmbeddedPostgresError("start abandoned: the caller stopped waiting")
+            self.server.psql(sql, database=db, timeout_s=timeout_s)
         self.starts += 1
 
     async def answers(self) -> None:
@@ -247,10 +251,12 @@ async def start_abandonably(db: EmbeddedDatabase, timeout_s: float) -> None:
 
     A start can take up to ``timeout_s`` (30 s), and a plain ``to_thread`` call cannot be
     cancelled: shutting down during a start would wait for it, past the shutdown bound. So
-    the caller stops waiting at once and sets ``abort``, which the thread sees within one
-    poll (20 ms), killing the postmaster it spawned. The thread holds the server's lock
-    until then, so the runtime's final ``close()`` still waits for it: nothing outlives the
-    runtime, and the wait is one poll, not the start's timeout."""
+    the caller stops waiting at once and sets ``abort``, which the thread sees at its next
+    step (a 20 ms poll; at most one ``pg_isready`` of up to 3 s, or one running ``initdb``
+    or provisioning statement), killing the postmaster it spawned. The thread holds the
+    server's lock until then, so the runtime's final ``close()`` still waits for it:
+    nothing outlives the runtime, and the wait is that one step, not the start's
+    timeout."""
     abort = threading.Event()
     try:
         await trio.to_thread.run_sync(

@@ -36,6 +36,7 @@ async def persisted_max_seq(dsn: str, *, timeout_s: float) -> int | None:
                 _not_read(exc, dsn)
                 return None
             try:
+                await _wal_applied(conn, deadline=trio.current_time() + timeout_s / 2)
                 value = await trio_asyncio.aio_as_trio(conn.fetchval)(
                     POSTGRESQL.max_persisted_seq, timeout=timeout_s)
             except Exception as exc:  # noqa: BLE001
@@ -54,8 +55,27 @@ async def persisted_max_seq(dsn: str, *, timeout_s: float) -> int | None:
     return None
 
 
+async def _wal_applied(conn: asyncpg.Connection, *, deadline: float) -> None:
+    """On QuestDB, rows count in ``max(seq)`` once their WAL is applied (milliseconds after
+    the insert, normally): wait for that, briefly, or a runtime that stopped a moment ago
+    would leave its last events out of the floor. PostgreSQL has no ``wal_tables()``."""
+    while trio.current_time() < deadline:
+        try:
+            row = await trio_asyncio.aio_as_trio(conn.fetchrow)(
+                "SELECT suspended, writerTxn, sequencerTxn FROM wal_tables() WHERE name = $1",
+                POSTGRESQL.table, timeout=1.0)
+        except asyncpg.PostgresError:
+            return  # not QuestDB
+        if row is None or row["suspended"] or row["writerTxn"] >= row["sequencerTxn"]:
+            return
+        await trio.sleep(0.02)
+
+
 def _not_read(exc: BaseException, dsn: str) -> None:
-    if "does not exist" in str(exc):  # PostgreSQL and QuestDB both say so: a first start
+    # PostgreSQL: undefined_table; QuestDB: "table does not exist [table=...]". A missing
+    # database or role is a misconfiguration, and stays a warning.
+    if (isinstance(exc, asyncpg.UndefinedTableError)
+            or "table does not exist" in str(exc)):
         log.info("event log: no events table yet; numbering starts from 1")
         return
     log.warning("event log: %s; numbering starts from the log (the event store checks "

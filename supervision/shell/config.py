@@ -244,6 +244,11 @@ def _with_terminal_env(tables: Mapping[str, Any],
             prefix = terminal.lower() + "_"
             key = rest[len(prefix):]
             if rest.startswith(prefix) and key in SCHEMA["mt5"]:
+                twins = sorted(n for n in by_length if n.lower() == terminal.lower())
+                if len(twins) > 1:
+                    raise ConfigError(
+                        f"environment variable {variable}: matches terminals "
+                        f"{' and '.join(twins)} (names differing only in case)")
                 table = merged[terminal]
                 if isinstance(table, dict):  # else _terminal_values refuses the table
                     table[key] = _check(f"mt5.terminals.{terminal}", key,

@@ -290,10 +290,12 @@ def bearer_from_subprotocols(offered: Iterable[str]) -> str | None:
         if entry.startswith(BEARER_SUBPROTOCOL):
             encoded = entry[len(BEARER_SUBPROTOCOL):]
             try:
-                token = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
-                return "Bearer " + token.decode("utf-8")
-            except (ValueError, UnicodeDecodeError):
-                return "Bearer \ufffd"  # never equal to a token: refused and charged
+                token = base64.b64decode(encoded + "=" * (-len(encoded) % 4), altchars=b"-_",
+                                         validate=True).decode("utf-8")
+            except (ValueError, UnicodeDecodeError):  # binascii.Error is a ValueError
+                token = ""
+            # Never equal to a token, so refused and charged like any wrong one.
+            return "Bearer " + (token.strip() or "\ufffd")
     return None
 
 
@@ -369,7 +371,8 @@ class ControlServer:
         if refusal is None and self.connections >= limit:
             refusal = (503, [], "too many connections" + (
                 "" if authenticated else "; an operator with the token still gets in with "
-                                         "'Authorization: Bearer <token>'"))
+                                         "'Authorization: Bearer <token>' (a browser: the "
+                                         "mt5sup.bearer.<base64url token> subprotocol)"))
         if refusal is not None:
             status, headers, text = refusal
             self.metrics.control_rejected += 1

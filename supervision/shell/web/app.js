@@ -32,6 +32,8 @@ const page = {
   order: [],
   reconnects: 0,            // failed attempts in a row (the retry delay grows)
   retryTimer: null,
+  connecting: false,        // an attempt is under way (until its socket opens or fails)
+  offerToken: true,         // next handshake carries the token (alternates after refusals)
   connections: 0,           // connections opened so far
   statusRefreshes: 0,       // runtime.status answers applied so far
   statusTimer: null,
@@ -125,18 +127,21 @@ async function connectionConfig() {
 }
 
 async function connect() {
+  if (page.connecting) return;  // one attempt at a time (a sign-in may ask for one)
+  page.connecting = true;
   setConn("connecting", "connecting…");
   let url;
   try {
     url = await connectionConfig();
   } catch (err) {
+    page.connecting = false;
     setConn("closed", `no control channel: ${err.message}`);
     return retryLater();
   }
   // With the token, the handshake itself is authenticated (a browser cannot send an
   // Authorization header): the page then gets in even when unauthenticated sockets fill
   // the server, through the connections reserved for the token.
-  const withToken = page.token;
+  const withToken = page.offerToken ? page.token : null;
   const protocols = [PAGE_SUBPROTOCOL];
   if (withToken !== null) protocols.push(BEARER_SUBPROTOCOL + base64url(withToken));
   const ws = new WebSocket(url, protocols);
@@ -145,16 +150,22 @@ async function connect() {
   ws.onmessage = (e) => onMessage(e.data);
   ws.onopen = () => {
     opened = true;
+    page.connecting = false;
+    page.offerToken = true;
     onOpen(withToken).catch((err) => notice("error", `control channel: ${err.message}`));
   };
   ws.onclose = () => {
     if (page.ws !== ws) return;
-    if (!opened && withToken !== null && page.token === withToken) {
-      // Refused at the handshake with the token (wrong, or even the reserved connections
-      // are taken): do not offer it again and again; the operator signs in again.
-      signedOut();
-      notice("error", "the control channel refused the connection with the token; " +
-                      "reconnecting read-only (sign in again)");
+    page.connecting = false;
+    if (!opened && page.token !== null) {
+      // Refused at the handshake. A browser cannot tell why (a wrong token, a full server,
+      // the port down): alternate with and without the token in the handshake. Without it,
+      // a connection that opens sends `auth`, and only a refusal of that signs out.
+      page.offerToken = withToken === null;
+      if (withToken !== null) {
+        notice("error", "the control channel refused a connection with the token (a wrong " +
+                        "token, or no room even in the reserved connections); retrying");
+      }
     }
     page.ws = null;
     page.subscription = null;
@@ -481,8 +492,9 @@ function signInOnNextConnection(token) {
   // No open connection (e.g. the server is full of other sockets): connect again now,
   // offering the token in the handshake.
   page.token = token;
+  page.offerToken = true;
   notice("ok", "signing in on a new connection…");
-  if (page.ws === null) {
+  if (page.ws === null && !page.connecting) {
     clearTimeout(page.retryTimer);
     page.reconnects = 0;
     connect();

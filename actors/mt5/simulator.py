@@ -823,6 +823,7 @@ class TerminalSimulator:
         self._specs = {spec.name: spec for spec in symbols}
         self._symbol_index = {name: index for index, name in enumerate(self._specs)}
         self._selected = dict.fromkeys(self._specs, True)
+        self._quotes: dict[str, tuple[int, tuple[float, float]]] = {}  # name -> (second, quote)
 
         self._lock = threading.RLock()
         # Before any call the package's error variables are zero and empty.
@@ -1704,8 +1705,17 @@ class TerminalSimulator:
         return self._prices.bids(self._symbol_index[spec.name], spec, seconds)
 
     def _quote(self, spec: SymbolSpec) -> tuple[float, float]:
-        bid = float(self._bids(spec, np.array([self._market_second()]))[0])
-        return bid, round(bid + spec.spread_points * spec.point, spec.digits)
+        # A quote is a pure function of the symbol and the second, and takes ~1 ms of numpy:
+        # account_info and order_send mark every open position (and convert currencies)
+        # at one second, so without this they cost a quote per position.
+        second = self._market_second()
+        cached = self._quotes.get(spec.name)
+        if cached is not None and cached[0] == second:
+            return cached[1]
+        bid = float(self._bids(spec, np.array([second]))[0])
+        quote = (bid, round(bid + spec.spread_points * spec.point, spec.digits))
+        self._quotes[spec.name] = (second, quote)
+        return quote
 
     def _quote_for(self, trade: TradeRequest) -> tuple[float, float]:
         spec = self._specs.get(trade.symbol)

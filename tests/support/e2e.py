@@ -8,7 +8,6 @@ Hypercorn), so the tests check the wire protocol, not a shared implementation.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import itertools
 import json
@@ -29,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from websockets.sync.client import ClientConnection, connect
+from websockets.sync.client import connect
 
-from tests.support.ws_close import close_code
+from tests.support.jsonrpc_client import JsonRpcClient
 
 TOKEN = "e2e-token-b4f2c9"
 # A non-default variable name: checks that control.token_env is honoured.
@@ -331,9 +330,10 @@ def metric_samples(text: str) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------- WebSocket
-class Rpc:
-    """A blocking JSON-RPC 2.0 client over ``websockets.sync``. Notifications that arrive
-    while waiting for a reply are kept in ``notifications``."""
+class Rpc(JsonRpcClient):
+    """A blocking JSON-RPC 2.0 client over ``websockets.sync`` (10 s waits, one request at
+    a time). Notifications that arrive while waiting for a reply are kept in
+    ``notifications``."""
 
     def __init__(self, url: str, *, token: str | None = None,
                  headers: Mapping[str, str] | None = None, **kwargs: Any) -> None:
@@ -344,10 +344,8 @@ class Rpc:
         kwargs.setdefault("close_timeout", 2)
         kwargs.setdefault("max_size", 16 * 1024 * 1024)
         # Entered as a context manager (websockets >= 17.1 deprecates a bare connect()).
-        self.ws: ClientConnection = connect(
-            url, additional_headers=all_headers or None, **kwargs).__enter__()
-        self._next_id = 0
-        self.notifications: collections.deque[dict[str, Any]] = collections.deque()
+        super().__init__(connect(url, additional_headers=all_headers or None,
+                                 **kwargs).__enter__())
         # Notifications of other subscriptions, passed over by events() and until_live().
         self.passed_over: list[dict[str, Any]] = []
 
@@ -360,50 +358,6 @@ class Rpc:
     def close(self) -> None:
         self.ws.close()
 
-    # ------------------------------------------------------------------ raw
-    def send(self, message: Any) -> None:
-        self.ws.send(message if isinstance(message, str | bytes) else json.dumps(message))
-
-    def recv(self, timeout: float = 10.0) -> dict[str, Any]:
-        return json.loads(self.ws.recv(timeout=timeout))
-
-    def next_id(self) -> int:
-        self._next_id += 1
-        return self._next_id
-
-    # ------------------------------------------------------------------ requests
-    def reply_to(self, request_id: Any, timeout: float = 10.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            message = self.recv(timeout=max(0.01, deadline - time.monotonic()))
-            if "id" not in message:
-                self.notifications.append(message)
-                continue
-            if message["id"] == request_id:
-                return message
-            raise AssertionError(f"a reply to another request: {message} "
-                                 f"(waiting for id {request_id!r})")
-
-    def request(self, method: str, params: Mapping[str, Any] | None = None, *,
-                timeout: float = 10.0) -> dict[str, Any]:
-        request_id = self.next_id()
-        message: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id, "method": method}
-        if params is not None:
-            message["params"] = dict(params)
-        self.send(message)
-        return self.reply_to(request_id, timeout=timeout)
-
-    def result(self, method: str, params: Mapping[str, Any] | None = None, *,
-               timeout: float = 10.0) -> Any:
-        reply = self.request(method, params, timeout=timeout)
-        assert "result" in reply, reply
-        return reply["result"]
-
-    def error(self, method: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        reply = self.request(method, params)
-        assert "error" in reply, reply
-        return reply["error"]
-
     def call(self, actor: str, op: str, args: Mapping[str, Any] | None = None, *,
              timeout_s: float | None = None) -> dict[str, Any]:
         params: dict[str, Any] = {"actor": actor, "op": op, "args": dict(args or {})}
@@ -412,14 +366,6 @@ class Rpc:
         return self.result("actor.call", params, timeout=(timeout_s or 10.0) + 5.0)
 
     # ------------------------------------------------------------------ notifications
-    def notification(self, timeout: float = 10.0) -> dict[str, Any]:
-        if self.notifications:
-            return self.notifications.popleft()
-        while True:
-            message = self.recv(timeout=timeout)
-            if "id" not in message:
-                return message
-
     def events(self, subscription: str, until: Callable[[dict[str, Any]], bool], *,
                timeout: float = 15.0) -> list[dict[str, Any]]:
         """The events (``events.event`` params, without ``subscription``) of one
@@ -463,9 +409,6 @@ class Rpc:
             assert message["method"] == "events.event", message
             seen.append({k: v for k, v in params.items() if k != "subscription"})
 
-    def closed_code(self, timeout: float = 10.0) -> int | None:
-        """Read until the server closes; return the close code it sent."""
-        return close_code(self.ws, timeout)
 
 
 def _short(event: Mapping[str, Any]) -> str:

@@ -4,9 +4,7 @@ sockets, and a blocking WebSocket client (``websockets.sync``) to drive it from 
 from __future__ import annotations
 
 import contextlib
-import json
 import socket
-import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,8 +16,8 @@ from supervision.messages import Notice
 from supervision.shell.config import RuntimeConfig
 from supervision.shell.runtime import Runtime, open_runtime
 from supervision.supervisor import ChildSpec
+from tests.support.jsonrpc_client import JsonRpcClient
 from tests.support.waiting import eventually
-from tests.support.ws_close import close_code
 
 TOKEN = "test-token-6f1c"
 T = TypeVar("T")
@@ -72,8 +70,12 @@ async def wait_head(rt: Runtime, seq: int) -> None:
     await eventually(lambda: rt.events.head_seq >= seq)
 
 
-class Client:
-    """A blocking JSON-RPC client; every method runs in a worker thread (``in_thread``)."""
+class Client(JsonRpcClient):
+    """A blocking JSON-RPC client; every method runs in a worker thread (``in_thread``).
+    5 s waits; replies to other requests are passed over (tests pipeline requests)."""
+
+    timeout_s = 5.0
+    strict_ids = False
 
     def __init__(self, url: str, *, token: str | None = None, rcvbuf: int | None = None,
                  max_queue: int | None = 16, subprotocols: list[str] | None = None) -> None:
@@ -88,56 +90,10 @@ class Client:
                                      subprotocols=subprotocols,  # type: ignore[arg-type]
                                      max_queue=max_queue, open_timeout=5, close_timeout=0.5,
                                      max_size=16 * 1024 * 1024)
-        self.ws = self._cm.__enter__()
-        self._next_id = 0
-        self.notifications: list[dict[str, Any]] = []
+        super().__init__(self._cm.__enter__())
 
     def close(self) -> None:
         self._cm.__exit__(None, None, None)
-
-    def send(self, obj: Any) -> None:
-        self.ws.send(obj if isinstance(obj, str | bytes) else json.dumps(obj))
-
-    def recv(self, timeout: float = 5.0) -> dict[str, Any]:
-        return json.loads(self.ws.recv(timeout=timeout))
-
-    def request(self, method: str, params: dict[str, Any] | None = None, *,
-                timeout: float = 5.0) -> dict[str, Any]:
-        """Send one request; return its reply (result or error), keeping notifications."""
-        self._next_id += 1
-        message: dict[str, Any] = {"jsonrpc": "2.0", "id": self._next_id, "method": method}
-        if params is not None:
-            message["params"] = params
-        self.send(message)
-        return self.reply_to(self._next_id, timeout=timeout)
-
-    def reply_to(self, request_id: Any, timeout: float = 5.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            message = self.recv(timeout=max(0.01, deadline - time.monotonic()))
-            if "id" not in message:
-                self.notifications.append(message)
-                continue
-            if message["id"] == request_id:
-                return message
-
-    def result(self, method: str, params: dict[str, Any] | None = None) -> Any:
-        reply = self.request(method, params)
-        assert "result" in reply, reply
-        return reply["result"]
-
-    def error(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-        reply = self.request(method, params)
-        assert "error" in reply, reply
-        return reply["error"]
-
-    def notification(self, timeout: float = 5.0) -> dict[str, Any]:
-        if self.notifications:
-            return self.notifications.pop(0)
-        while True:
-            message = self.recv(timeout=timeout)
-            if "id" not in message:
-                return message
 
     def events_until_live(self, subscription: str, timeout: float = 5.0
                           ) -> list[dict[str, Any]]:
@@ -151,6 +107,3 @@ class Client:
                 return seen
             seen.append(message)
 
-    def closed_code(self, timeout: float = 5.0) -> int | None:
-        """Read until the server closes the connection; return the close code."""
-        return close_code(self.ws, timeout)

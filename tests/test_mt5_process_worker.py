@@ -68,6 +68,28 @@ def terminal(tmp_path: Path, name: str = "mt5"
     return hosted_terminal(tmp_path, BackendRecipe("simulator"), SETTINGS, name)
 
 
+def first_recovery(e: Event) -> bool:
+    return e.kind == "state_changed" and e.data["reason"] == "attempt 1 ok"
+
+
+def a_recovery(e: Event) -> bool:
+    """Back to CONNECTED after any attempt ("attempt 2 ok" the second time: within
+    stable_s of a recovery, the budget goes on)."""
+    return e.kind == "state_changed" and bool(
+        re.fullmatch(r"attempt \d ok", e.data["reason"] or ""))
+
+
+async def kill_the_process(host: TerminalHost, ref: Mt5Ref) -> int:
+    """SIGKILL the terminal's process (a crash); the next call finds the pipe gone.
+    Returns the killed pid."""
+    pid = host.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    r = await ref.symbol_info_tick("EURUSD")
+    assert r.error is not None and r.error.code is ErrorCode.MT5_IPC_FAILED
+    return pid
+
+
 async def test_a_hung_call_kills_the_process_and_a_fresh_one_takes_over(tmp_path):
     threads_before = our_threads()
     # Process-global (a real runtime has one): earlier tests' thread workers may count.
@@ -85,8 +107,7 @@ async def test_a_hung_call_kills_the_process_and_a_fresh_one_takes_over(tmp_path
         await host.inject("clear")
         # The deadline is a lost terminal: the running call is cancelled, its process
         # killed and reaped before the reconnect starts.
-        await rec.wait_for(lambda e: e.kind == "state_changed"
-                           and e.data["reason"] == "attempt 1 ok", timeout=30.0)
+        await rec.wait_for(first_recovery, timeout=30.0)
         assert not pid_exists(first_pid)
         assert host.killed == 1
         assert ref.state == "CONNECTED"
@@ -133,13 +154,8 @@ async def test_inject_reaches_the_simulator_in_its_process_and_bad_faults_are_re
 
 async def test_a_process_that_dies_by_itself_is_reaped_and_replaced(tmp_path):
     async with terminal(tmp_path) as (_sup, ref, host, rec):
-        first_pid = host.pid
-        assert first_pid is not None
-        os.kill(first_pid, signal.SIGKILL)
-        r = await ref.symbol_info_tick("EURUSD")
-        assert r.error is not None and r.error.code is ErrorCode.MT5_IPC_FAILED
-        await rec.wait_for(lambda e: e.kind == "state_changed"
-                           and e.data["reason"] == "attempt 1 ok", timeout=30.0)
+        first_pid = await kill_the_process(host, ref)
+        await rec.wait_for(first_recovery, timeout=30.0)
         assert host.pid not in (None, first_pid)
         assert not pid_exists(first_pid)
         assert (await ref.symbol_info_tick("EURUSD")).ok
@@ -180,8 +196,7 @@ async def test_a_hang_lasts_its_duration_though_the_process_meeting_it_was_kille
         await host.inject("hang", duration_s=5.0)
         r = await ref.symbol_info_tick("EURUSD", timeout_s=DEADLINE_S)
         assert r.error is not None and r.error.code is ErrorCode.TIMEOUT
-        await rec.wait_for(lambda e: e.kind == "state_changed"
-                           and e.data["reason"] == "attempt 1 ok", timeout=30.0)
+        await rec.wait_for(first_recovery, timeout=30.0)
         back_after = trio.current_time() - injected_at
         assert host.killed == 1 and host.started == 2
         # The new process met the same hang (for what was left of it): the reconnect could
@@ -193,16 +208,11 @@ async def test_a_hang_lasts_its_duration_though_the_process_meeting_it_was_kille
 
 async def test_a_fault_injected_while_the_process_is_replaced_is_kept_for_the_next(tmp_path):
     async with terminal(tmp_path) as (_sup, ref, host, rec):
-        pid = host.pid
-        assert pid is not None
-        os.kill(pid, signal.SIGKILL)
-        r = await ref.symbol_info_tick("EURUSD")
-        assert r.error is not None and r.error.code is ErrorCode.MT5_IPC_FAILED
+        await kill_the_process(host, ref)
         # No process, or a new one starting: either way the fault is taken, not refused,
         # and a counted fault injected now is used by the next process.
         await host.inject("market_retcode", retcode=codes.TRADE_RETCODE_REQUOTE)
-        await rec.wait_for(lambda e: e.kind == "state_changed"
-                           and e.data["reason"] == "attempt 1 ok", timeout=30.0)
+        await rec.wait_for(first_recovery, timeout=30.0)
         r = await ref.order_send(BUY)
         assert r.error is not None and r.reason == "retcode_10004", r  # a requote
         assert (await ref.order_send(BUY)).ok  # used up: once
@@ -223,19 +233,9 @@ async def test_the_account_survives_a_killed_terminal_process(tmp_path):
         r = await ref.symbol_info_tick("EURUSD", timeout_s=DEADLINE_S)
         assert r.error is not None and r.error.code is ErrorCode.TIMEOUT
         await host.inject("clear")
-
-        def recovered(e: Event) -> bool:
-            # "attempt 2 ok" the second time: within stable_s of a recovery, the budget
-            # goes on.
-            return e.kind == "state_changed" and bool(
-                re.fullmatch(r"attempt \d ok", e.data["reason"] or ""))
-
-        first = await rec.wait_for(recovered, timeout=30.0)
-        pid = host.pid
-        assert pid is not None
-        os.kill(pid, signal.SIGKILL)
-        assert not (await ref.symbol_info_tick("EURUSD")).ok
-        await rec.wait_for(lambda e: recovered(e) and e.seq > first.seq, timeout=30.0)
+        first = await rec.wait_for(a_recovery, timeout=30.0)
+        await kill_the_process(host, ref)
+        await rec.wait_for(lambda e: a_recovery(e) and e.seq > first.seq, timeout=30.0)
         assert host.started == 3
 
         def held(positions: tuple) -> list[tuple]:

@@ -23,7 +23,6 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, ClassVar
-from urllib.parse import unquote, urlsplit
 
 import asyncpg
 import trio
@@ -36,7 +35,7 @@ from actors.questdb.dialect import (
     detect_dialect,
     verify_questdb_table,
 )
-from actors.questdb.errors import classify_db_error
+from actors.questdb.errors import classify_db_error, dsn_passwords
 from supervision.actor import READ_UNCACHED, WRITE, Actor, OpSpec
 from supervision.errors import Failure, Response
 from supervision.ref import ActorRef
@@ -52,17 +51,6 @@ _PAYLOAD = EVENTS_COLUMNS.index("payload")
 
 async def _no_reset(connection: Any) -> None:
     """QuestDB rejects asyncpg's default reset query; there is no session state to reset."""
-
-
-def _passwords_of(dsn: str) -> tuple[str, ...]:
-    """The DSN's password as written (percent-encoded) and as sent (decoded)."""
-    try:
-        password = urlsplit(dsn).password
-    except ValueError:
-        return ()
-    if not password:
-        return ()
-    return tuple(dict.fromkeys((password, unquote(password))))
 
 
 def _no_nul(value: Any) -> Any:
@@ -138,7 +126,7 @@ class QuestdbActor(Actor):
         self.query_pool: asyncpg.Pool | None = None  # made on the first control-channel call
         self._query_pool_lock = trio.Lock()
         self._control_in_flight = 0
-        self._secrets = tuple(dict.fromkeys(_passwords_of(dsn) + _passwords_of(self.query_dsn)))
+        self._secrets = tuple(dict.fromkeys(dsn_passwords(dsn) + dsn_passwords(self.query_dsn)))
         self.pool_min_size = pool_min_size
         self.pool_max_size = max(1, pool_max_size)
         # Control-channel SQL never waits for its pool (that would hold one of the cell's

@@ -78,6 +78,7 @@ the given ``secrets``.
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote, urlsplit
 
 import asyncpg
 from asyncpg.exceptions import _base as asyncpg_base
@@ -111,6 +112,18 @@ _BROKEN_PROTOCOL = re.compile(
     r"|called on a free connection holder",
     re.IGNORECASE,
 )
+
+
+def dsn_passwords(dsn: str) -> tuple[str, ...]:
+    """The DSN's password as written (percent-encoded) and as sent (decoded): the secrets
+    to scrub from every message about it."""
+    try:
+        password = urlsplit(dsn).password
+    except ValueError:
+        return ()
+    if not password:
+        return ()
+    return tuple(dict.fromkeys((password, unquote(password))))
 
 
 def classify_db_error(

@@ -18,8 +18,8 @@ import asyncpg
 import trio
 import trio_asyncio
 
-from actors.questdb.actor import _passwords_of
 from actors.questdb.dialect import POSTGRESQL
+from actors.questdb.errors import dsn_passwords
 from supervision.errors import describe, operation_message
 
 log = logging.getLogger(__name__)
@@ -80,4 +80,4 @@ def _not_read(exc: BaseException, dsn: str) -> None:
         return
     log.warning("event log: %s; numbering starts from the log (the event store checks "
                 "again later)", operation_message("reading the events table's max(seq)",
-                                                  describe(exc), _passwords_of(dsn)))
+                                                  describe(exc), dsn_passwords(dsn)))
